@@ -1,0 +1,3 @@
+from sd3booth.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""The ``sd3booth`` command: parses arguments and dispatches; the work lives in the stage modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from sd3booth.config import FIELDS, add_train_arguments, build_config, closest
+from sd3booth.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one UserError line (exit 2, no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
+def _known_flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        flag = next((e for e in extra if e.startswith("-")), extra[0])
+        name = flag.split("=")[0]
+        raise UserError(f"{parser.prog}: unknown flag {name}{closest(name, _known_flags(parser))}; see --help")
+    return ns
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    root = _Parser(prog="sd3booth", description="DreamBooth LoRA training for Stable Diffusion 3 / 3.5.")
+    sub = root.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subs: dict[str, argparse.ArgumentParser] = {}
+    p = subs["train"] = sub.add_parser("train", help="Prepare any missing cache, then train a LoRA.",
+                                       description="Prepare any missing cache (text embeddings, class images, "
+                                       "latents), then train a LoRA. Flags override --config.")  # fmt: skip
+    add_train_arguments(p)
+    p = subs["prepare"] = sub.add_parser("prepare", help="Only the caching stages (embeddings, class images, latents).")
+    add_train_arguments(p)
+    p = subs["generate"] = sub.add_parser("generate", help="PNGs from the base model plus one LoRA.")
+    p.add_argument("--lora", required=True, help="A pytorch_lora_weights.safetensors file.")
+    p.add_argument("--prompt", required=True, help="What to draw.")
+    p.add_argument(
+        "--pretrained_model_name_or_path", help="Base model (default: the one in settings.json beside the LoRA)."
+    )
+    p.add_argument("--num_images", type=int, default=4, help="Images to write. [default: 4]")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i. [default: 0]")
+    p.add_argument("--num_inference_steps", type=int, default=28, help="Sampling steps. [default: 28]")
+    p.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance. [default: 7.0]")
+    p.add_argument("--resolution", type=int, help="Image size (default: the training resolution, else 1024).")
+    p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens of the prompt. [default: 256]")
+    p.add_argument("--t5_precision", default="bf16", choices=["bf16", "int8", "nf4", "cpu", "none"],
+                   help="How T5 runs while the prompt is encoded. [default: bf16]")  # fmt: skip
+    p.add_argument("--output_dir", default="generated", help="Where the PNGs go. [default: generated]")
+    p.add_argument("--cache_dir", help="Text-embedding cache (default: OUTPUT_DIR/cache).")
+    p = subs["random-model"] = sub.add_parser(
+        "random-model", help="Write a random-weight SD3 pipeline (tests, benchmarks)."
+    )
+    p.add_argument("dir", help="Folder to write (replaced if it exists).")
+    p.add_argument("--arch", default="tiny", choices=["tiny", "sd3-medium", "sd3.5-medium", "sd3.5-large"],
+                   help="tiny for tests and the demo; the others at true size. [default: tiny]")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="Seed of the random weights. [default: 0]")
+    p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
+    p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
+    return root, subs
+
+
+def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
+    cfg = build_config(vars(ns))
+    if prepare_only:
+        from sd3booth.prepare import prepare_command
+
+        prepare_command(cfg)
+        return 0
+    from sd3booth import train
+
+    result = train.train(cfg)
+    print(f"LoRA: {result.lora_path}")
+    return 0
+
+
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    from sd3booth.sample import generate_with_lora
+
+    lora_path = Path(ns.lora)
+    settings: dict[str, Any] = {}
+    settings_file = lora_path.parent / "settings.json"
+    if settings_file.is_file():
+        settings = json.loads(settings_file.read_text(encoding="utf-8")).get("settings", {})
+    model = ns.pretrained_model_name_or_path or settings.get("pretrained_model_name_or_path")
+    if not model:
+        raise UserError("generate: no base model; pass --pretrained_model_name_or_path")
+    out = Path(ns.output_dir)
+    paths = generate_with_lora(
+        model, lora_path, ns.prompt, out, ns.num_images, ns.seed, ns.num_inference_steps, ns.guidance_scale,
+        ns.resolution or settings.get("resolution") or 1024, ns.max_sequence_length, ns.t5_precision,
+        Path(ns.cache_dir) if ns.cache_dir else out / "cache",
+    )  # fmt: skip
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _cmd_random_model(ns: argparse.Namespace) -> int:
+    from sd3booth.models import quiet_libraries
+    from sd3booth.random_model import write_random_model
+
+    quiet_libraries()
+    print(write_random_model(ns.dir, ns.arch, ns.seed))
+    return 0
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from sd3booth.demo import run_demo
+
+    run_demo(Path(ns.output_dir))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    root, subs = build_parser()
+    try:
+        if not argv or argv[0] not in subs:
+            if argv and argv[0] in ("-h", "--help"):
+                root.print_help()
+                return 0
+            if argv:
+                known = list(subs)
+                raise UserError(f"unknown command {argv[0]!r}{closest(argv[0], known)}; commands: {', '.join(known)}")
+            root.print_help()
+            return 2
+        ns = _parse(subs[argv[0]], argv[1:])
+        command = argv[0]
+        if command in ("train", "prepare"):
+            return _cmd_train(ns, prepare_only=command == "prepare")
+        if command == "generate":
+            return _cmd_generate(ns)
+        if command == "random-model":
+            return _cmd_random_model(ns)
+        return _cmd_demo(ns)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; cached files and saved checkpoints are kept", file=sys.stderr)
+        return 130
+
+
+__all__ = ["main", "FIELDS"]

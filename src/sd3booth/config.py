@@ -1,0 +1,346 @@
+"""Typed settings for a training run: defaults < config file (TOML or JSON) < command-line flags.
+
+No torch here: this module must import in milliseconds so that bad settings fail before anything heavy
+loads (litgpt's "verify settings first"). Flag names follow diffusers' ``train_dreambooth_lora_sd3.py``
+wherever the meaning is the same, so users of that script can switch by changing the command name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sd3booth.errors import UserError
+
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+T5_PRECISIONS = ("bf16", "int8", "nf4", "cpu", "none")
+REPORTERS = ("tensorboard", "wandb", "none")
+# Attention projections of every joint block: the diffusers reference's default LoRA targets.
+DEFAULT_LORA_LAYERS = (
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
+)
+
+
+def _f(default: Any, help: str, *, choices: tuple[str, ...] | None = None, group: str = "training") -> Any:
+    meta = {"help": help, "group": group}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of ``sd3booth train`` / ``prepare``. Field names are the flag names."""
+
+    # model
+    pretrained_model_name_or_path: str | None = _f(
+        None, "Base model: a local diffusers SD3 folder or a Hugging Face hub id (SD3 Medium, SD3.5 Medium/Large).",
+        group="model")  # fmt: skip
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.", group="model")
+    variant: str | None = _f(None, "Weight file variant of the base model, e.g. 'fp16'.", group="model")
+    t5_precision: str = _f(
+        "bf16",
+        "How T5-XXL runs while captions are encoded: bf16 on the GPU, int8 or nf4 (bitsandbytes, GPU), "
+        "cpu (bf16 on the CPU, no GPU memory), or none (T5 skipped, zeros as the pipeline does without it).",
+        choices=T5_PRECISIONS, group="model")  # fmt: skip
+    max_sequence_length: int = _f(77, "T5 tokens per caption (the reference trains with 77; the pipeline uses 256).",
+                                  group="model")  # fmt: skip
+    # data
+    instance_data_dir: str | None = _f(
+        None, "Folder of instance images; captions from metadata.jsonl, same-name .txt files, or --instance_prompt.",
+        group="data")  # fmt: skip
+    dataset_name: str | None = _f(
+        None, "A local folder in imagefolder layout, or a hub dataset (needs the 'datasets' package and a network).",
+        group="data")  # fmt: skip
+    caption_column: str = _f("caption", "Caption key in metadata.jsonl (or column of --dataset_name).", group="data")
+    image_column: str | None = _f(
+        None, "Image key in metadata.jsonl (default 'file_name'), or image column of a hub dataset (default 'image').",
+        group="data")  # fmt: skip
+    instance_prompt: str | None = _f(
+        None, "Caption for every image that has none, e.g. 'a photo of sks dog'.", group="data"
+    )
+    resolution: int = _f(512, "Training resolution in pixels (square; a multiple of 16).", group="data")
+    center_crop: bool = _f(False, "Center-crop images; otherwise crop randomly each step (in latent space).",
+                           group="data")  # fmt: skip
+    random_flip: bool = _f(False, "Flip images horizontally at random each step (both flips are cached).",
+                           group="data")  # fmt: skip
+    repeats: int = _f(1, "How many times each instance image appears per epoch.", group="data")
+    cache_dir: str | None = _f(
+        None, "Where text embeddings and latents are cached (default OUTPUT_DIR/cache). Keys are content hashes, "
+        "so one cache can serve many runs.", group="data")  # fmt: skip
+    # prior preservation
+    with_prior_preservation: bool = _f(False, "Add the DreamBooth prior-preservation loss on class images.",
+                                       group="prior")  # fmt: skip
+    class_data_dir: str | None = _f(None, "Folder of class images; missing ones are generated and kept there.",
+                                    group="prior")  # fmt: skip
+    class_prompt: str | None = _f(None, "Prompt of the class, e.g. 'a photo of a dog'.", group="prior")
+    num_class_images: int = _f(100, "Class images wanted; the shortfall is generated with the base model.",
+                               group="prior")  # fmt: skip
+    prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.", group="prior")
+    sample_batch_size: int = _f(4, "Batch size when generating class images.", group="prior")
+    # LoRA
+    rank: int = _f(4, "LoRA rank.", group="lora")
+    lora_alpha: int | None = _f(None, "LoRA alpha (default: rank). Baked into the saved file, which loads with "
+                                "alpha = rank everywhere.", group="lora")  # fmt: skip
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", group="lora")
+    lora_layers: str | None = _f(
+        None, "Comma-separated module names to train, e.g. 'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0' "
+        f"(default: {','.join(DEFAULT_LORA_LAYERS)}).", group="lora")  # fmt: skip
+    lora_blocks: str | None = _f(None, "Comma-separated transformer block indices to train, e.g. '12,13' "
+                                 "(default: all blocks).", group="lora")  # fmt: skip
+    # optimisation
+    train_batch_size: int = _f(4, "Instance images per step and process (prior preservation adds as many).")
+    num_train_epochs: int = _f(1, "Epochs to train; ignored when --max_train_steps is set.")
+    max_train_steps: int | None = _f(None, "Total optimizer steps; overrides --num_train_epochs.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, slower.")
+    learning_rate: float = _f(1e-4, "Initial learning rate (after warm-up). Prodigy wants about 1.0.")
+    scale_lr: bool = _f(False, "Multiply the learning rate by accumulation steps, batch size and processes.")
+    lr_scheduler: str = _f("constant", "Learning-rate schedule (diffusers.optimization).", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _f(500, "Warm-up steps of the schedule.")
+    lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.")
+    lr_power: float = _f(1.0, "Power of the polynomial schedule.")
+    max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 disables).")
+    optimizer: str = _f("adamw", "adamw, adamw8bit (bitsandbytes) or prodigy.", choices=OPTIMIZERS)
+    use_8bit_adam: bool = _f(False, "Same as --optimizer adamw8bit (kept for the diffusers script's users).")
+    adam_beta1: float = _f(0.9, "Beta1 of Adam and Prodigy.")
+    adam_beta2: float = _f(0.999, "Beta2 of Adam and Prodigy.")
+    prodigy_beta3: float | None = _f(None, "Prodigy beta3 (default: sqrt(beta2)).")
+    prodigy_decouple: bool = _f(True, "Prodigy: AdamW-style decoupled weight decay.")
+    prodigy_use_bias_correction: bool = _f(True, "Prodigy: Adam bias correction.")
+    prodigy_safeguard_warmup: bool = _f(True, "Prodigy: remove the learning rate from the denominator in warm-up.")
+    adam_weight_decay: float = _f(1e-4, "Weight decay of the LoRA parameters.")
+    adam_epsilon: float = _f(1e-8, "Epsilon of Adam and Prodigy.")
+    mixed_precision: str | None = _f(
+        None, "no, fp16 or bf16 (default: bf16 on a GPU that has it, fp16 on one that has not, no on CPU). "
+        "LoRA weights and optimizer state stay fp32; fp16 uses a gradient scaler.", choices=MIXED_PRECISIONS)  # fmt: skip
+    allow_tf32: bool = _f(False, "Allow TF32 matrix products on Ampere and newer GPUs.")
+    seed: int | None = _f(None, "Random seed; the same seed gives bit-identical LoRA weights on CPU.")
+    # flow matching
+    weighting_scheme: str = _f("logit_normal", "Timestep density and loss weighting (SD3 paper).",
+                               choices=WEIGHTING_SCHEMES, group="flow")  # fmt: skip
+    logit_mean: float = _f(0.0, "Mean of the logit_normal timestep density.", group="flow")
+    logit_std: float = _f(1.0, "Std of the logit_normal timestep density.", group="flow")
+    mode_scale: float = _f(1.29, "Scale of the 'mode' timestep density.", group="flow")
+    precondition_outputs: int = _f(1, "1: loss on the denoised latent (reference default); 0: on the velocity.",
+                                   group="flow")  # fmt: skip
+    # validation
+    validation_prompt: str | None = _f(None, "Prompt for validation images during training.", group="validation")
+    num_validation_images: int = _f(4, "Validation images per validation.", group="validation")
+    validation_epochs: int = _f(50, "Validate every N epochs (when --validation_steps is not set).",
+                                group="validation")  # fmt: skip
+    validation_steps: int | None = _f(None, "Validate every N optimizer steps.", group="validation")
+    num_inference_steps: int = _f(28, "Sampling steps for validation and class images.", group="validation")
+    guidance_scale: float = _f(7.0, "Classifier-free guidance for validation and class images.", group="validation")
+    # checkpoints and output
+    output_dir: str = _f("sd3-dreambooth-lora", "Where the LoRA, checkpoints, images and logs go.", group="output")
+    overwrite_output_dir: bool = _f(False, "Allow writing into an output folder that holds another run "
+                                    "(its cache is kept).", group="output")  # fmt: skip
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer steps.", group="output")
+    checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints.", group="output")
+    resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder to continue from.", group="output")
+    report_to: str = _f("tensorboard", "Where metrics go besides metrics.jsonl.", choices=REPORTERS, group="output")
+    logging_dir: str = _f("logs", "TensorBoard folder, relative to OUTPUT_DIR.", group="output")
+    logging_steps: int = _f(1, "Log loss every N steps (each log waits for the GPU).", group="output")
+
+    # ---- derived views -------------------------------------------------------------------------------
+    @property
+    def alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else self.rank
+
+    @property
+    def optimizer_name(self) -> str:
+        return "adamw8bit" if self.use_8bit_adam else self.optimizer
+
+    @property
+    def target_layers(self) -> list[str]:
+        if not self.lora_layers:
+            return list(DEFAULT_LORA_LAYERS)
+        return [s.strip() for s in self.lora_layers.split(",") if s.strip()]
+
+    @property
+    def target_blocks(self) -> list[int] | None:
+        if not self.lora_blocks:
+            return None
+        return [int(s) for s in self.lora_blocks.split(",") if s.strip()]
+
+    @property
+    def data_dir(self) -> str | None:
+        return self.instance_data_dir or self.dataset_name
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Converts a config-file value to the field's type; bad types become a UserError."""
+    f = FIELDS[name]
+    kind = str(f.type)
+    if value is None:
+        return None
+    try:
+        if kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise UserError(f"{source}: '{name}' should be {kind.split(' ')[0]}, got {value!r}; fix the value")
+
+
+def closest(name: str, known: list[str] | tuple[str, ...]) -> str:
+    """'did you mean' text for an unknown name."""
+    matches = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(matches)}?)" if matches else ""
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Reads a TOML or JSON settings file; every key must be a setting name."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist; pass an existing .toml or .json file to --config")
+    text = p.read_text(encoding="utf-8")
+    try:
+        raw = json.loads(text) if p.suffix.lower() == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"config file {p} is not valid {p.suffix.lstrip('.').upper() or 'TOML'}: {e}") from None
+    raw = raw.get("settings", raw) if isinstance(raw, dict) else raw  # settings.json nests them
+    out = {}
+    for key, value in raw.items():
+        if key not in FIELDS:
+            raise UserError(f"{p}: unknown setting '{key}'{closest(key, list(FIELDS))}; remove or rename it")
+        out[key] = _coerce(key, value, str(p))
+    return out
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per TrainConfig field. Defaults are suppressed so we know which flags were given."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    parser.add_argument("--config", help="TOML or JSON file of settings (keys = flag names); flags override it.")
+    for f in dataclasses.fields(TrainConfig):
+        group = f.metadata.get("group", "training")
+        g = groups.setdefault(group, parser.add_argument_group(group))
+        kind = str(f.type)
+        help_text = f.metadata["help"] + f" [default: {f.default}]"
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
+        if kind.startswith("bool"):
+            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+            continue
+        kw["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+            kw["type"] = str.lower
+            kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        g.add_argument(f"--{f.name}", **kw)
+    # The diffusers script spells optimizers AdamW/prodigy; accept both via type=str.lower above.
+
+
+def build_config(cli_values: dict[str, Any]) -> TrainConfig:
+    """Merges defaults, the --config file and explicit flags (flags win), then validates."""
+    values: dict[str, Any] = {}
+    if cli_values.get("config"):
+        values.update(load_config_file(cli_values["config"]))
+    values.update({k: v for k, v in cli_values.items() if k in FIELDS})
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cheap consistency checks that need no file or model; each failure is one UserError line."""
+
+    def bad(msg: str) -> None:
+        raise UserError(msg)
+
+    if not cfg.pretrained_model_name_or_path:
+        bad("--pretrained_model_name_or_path is required: a local SD3 diffusers folder or a hub id")
+    if bool(cfg.instance_data_dir) == bool(cfg.dataset_name):
+        bad("give exactly one of --instance_data_dir and --dataset_name")
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value is not None and value not in choices:
+            bad(f"--{f.name} {value!r} is not one of {', '.join(choices)}")
+    if cfg.use_8bit_adam and cfg.optimizer == "prodigy":
+        bad("--use_8bit_adam conflicts with --optimizer prodigy; choose one optimizer")
+    if cfg.resolution < 16 or cfg.resolution % 16:
+        bad(f"--resolution {cfg.resolution} must be a positive multiple of 16 (VAE factor 8 x patch size 2)")
+    positive = ("train_batch_size", "gradient_accumulation_steps", "rank", "repeats", "num_train_epochs",
+                "checkpointing_steps", "num_inference_steps", "sample_batch_size", "logging_steps")  # fmt: skip
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            bad(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
+        bad(f"--max_train_steps must be at least 1, got {cfg.max_train_steps}")
+    if not 1 <= cfg.max_sequence_length <= 512:
+        bad(f"--max_sequence_length must be between 1 and 512, got {cfg.max_sequence_length}")
+    if cfg.learning_rate <= 0:
+        bad(f"--learning_rate must be positive, got {cfg.learning_rate}")
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        bad(f"--lora_alpha must be positive, got {cfg.lora_alpha}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        bad(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        bad("--checkpoints_total_limit must be at least 1")
+    if cfg.validation_steps is not None and cfg.validation_steps < 1:
+        bad("--validation_steps must be at least 1")
+    if cfg.validation_epochs < 1:
+        bad("--validation_epochs must be at least 1")
+    if cfg.num_validation_images < 1:
+        bad("--num_validation_images must be at least 1")
+    if cfg.precondition_outputs not in (0, 1):
+        bad("--precondition_outputs must be 0 or 1")
+    if cfg.lora_blocks:
+        try:
+            blocks = cfg.target_blocks or []
+        except ValueError:
+            bad(f"--lora_blocks {cfg.lora_blocks!r} must be comma-separated block numbers, e.g. '0,1,12'")
+        if any(b < 0 for b in blocks):
+            bad("--lora_blocks must be non-negative block numbers")
+    if cfg.with_prior_preservation:
+        if not cfg.class_data_dir:
+            bad("--with_prior_preservation needs --class_data_dir (a folder; missing class images are generated)")
+        if not cfg.class_prompt:
+            bad("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'")
+        if cfg.num_class_images < 1:
+            bad("--num_class_images must be at least 1")
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuilds a TrainConfig from a saved settings dict (ignoring keys of newer/older versions)."""
+    return TrainConfig(**{k: v for k, v in values.items() if k in FIELDS})

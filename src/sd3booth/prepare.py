@@ -1,0 +1,160 @@
+"""The caching stages of a run, in data-flow order: scan data -> text embeddings -> class images -> latents.
+
+Each stage reads and writes content-keyed files only (see ``store``); ``Prepared`` is the index the
+trainer receives: which cache key holds each example's caption embedding and latents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sd3booth import cache_latents, cache_text, data, models, sample
+from sd3booth.config import TrainConfig
+from sd3booth.errors import UserError
+from sd3booth.models import ModelSource, Placement
+
+NEGATIVE_PROMPT = ""  # what the pipeline encodes for classifier-free guidance when no negative prompt is given
+
+
+@dataclass
+class Prepared:
+    src: ModelSource
+    instances: list[data.Example]
+    classes: list[data.Example]
+    text_keys: dict[str, str]  # caption -> key
+    latent_keys: dict[tuple[str, bool], str]  # (example uid, flipped) -> key
+    flips: tuple[bool, ...]
+    negative_key: str
+    validation_key: str | None
+    shift_factor: float
+    scaling_factor: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def scan_data(cfg: TrainConfig, log: Callable[[str], None]) -> list[data.Example]:
+    """Instance examples from --instance_data_dir or --dataset_name (a local folder, or a hub dataset)."""
+    root = Path(cfg.data_dir or "")
+    if cfg.dataset_name and not root.exists():
+        root = _materialize_hub_dataset(cfg, log)
+    examples = data.scan_images(root, caption_column=cfg.caption_column, image_column=cfg.image_column or "file_name",
+                                instance_prompt=cfg.instance_prompt, warn=log)  # fmt: skip
+    if len(examples) < cfg.train_batch_size:
+        raise UserError(
+            f"{root} has {len(examples)} usable image(s), fewer than one batch (--train_batch_size "
+            f"{cfg.train_batch_size}); add images or lower --train_batch_size"
+        )
+    return examples
+
+
+def _materialize_hub_dataset(cfg: TrainConfig, log: Callable[[str], None]) -> Path:
+    """Writes a hub dataset once into the cache as an image folder with metadata.jsonl."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise UserError(
+            f"--dataset_name {cfg.dataset_name} is not a local folder and the 'datasets' package is missing; "
+            "pip install datasets, or pass a local folder"
+        ) from None
+    name = cfg.dataset_name or ""
+    out = cfg.cache_path / "datasets" / hashlib.sha256(f"{name}@{cfg.revision}".encode()).hexdigest()[:16]
+    if (out / data.METADATA_FILE).is_file():
+        return out
+    try:
+        ds = load_dataset(name, split="train")
+    except Exception as e:  # noqa: BLE001 - any loading failure means the same to the user
+        raise UserError(f"could not load dataset {name} ({type(e).__name__}); check the id and network") from None
+    image_col = cfg.image_column or "image"
+    for col in (image_col, cfg.caption_column):
+        if col not in ds.column_names:
+            raise UserError(f"dataset {name} has no column '{col}' (columns: {', '.join(ds.column_names)})")
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, row in enumerate(ds):
+        fname = f"{i:05d}.png"
+        row[image_col].convert("RGB").save(out / fname)
+        lines.append(json.dumps({"file_name": fname, "caption": str(row[cfg.caption_column])}))
+    (out / data.METADATA_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    log(f"dataset {name}: {len(lines)} images written to {out}")
+    return out
+
+
+def generate_class_images(
+    cfg: TrainConfig, src: ModelSource, place: Placement, have: int, prompt_key: str, negative_key: str,
+    log: Callable[[str], None],
+) -> None:  # fmt: skip
+    """Generates the missing class images with the base model and keeps them in --class_data_dir."""
+    missing = cfg.num_class_images - have
+    log(f"generating {missing} class image(s) for '{cfg.class_prompt}'")
+    emb = cache_text.load_text_embeddings([prompt_key, negative_key], cfg.cache_path, torch.float32)
+    transformer = models.load_transformer(src, place)
+    vae = models.load_vae(src, place)
+    pipe = sample.make_pipeline(transformer, vae, models.load_scheduler(src))
+    folder = Path(cfg.class_data_dir or "")
+    tag = hashlib.sha256(f"{cfg.class_prompt}|{src.identity('transformer')}".encode()).hexdigest()[:8]
+    seed = (cfg.seed or 0) + 10_000 * have
+    autocast = place.weight_dtype if place.weight_dtype != torch.float32 else None
+    for start in range(0, missing, cfg.sample_batch_size):
+        count = min(cfg.sample_batch_size, missing - start)
+        images = sample.generate(pipe, emb[prompt_key], emb[negative_key], count, seed + start, cfg.resolution,
+                                 cfg.num_inference_steps, cfg.guidance_scale, place.device, batch_size=count,
+                                 autocast_dtype=autocast)  # fmt: skip
+        for i, img in enumerate(images):
+            img.save(folder / f"class-{tag}-{have + start + i:05d}.png")
+    models.free(transformer, vae)
+    del pipe, transformer, vae
+
+
+def prepare(cfg: TrainConfig, place: Placement, log: Callable[[str], None] = print,
+            stage: Callable[[str], AbstractContextManager] = lambda name: nullcontext()) -> Prepared:  # fmt: skip
+    """Runs every caching stage that is not already cached; returns the index for the trainer."""
+    src = models.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    instances = scan_data(cfg, log)
+    classes: list[data.Example] = []
+    captions = [ex.caption for ex in instances] + [NEGATIVE_PROMPT]
+    if cfg.with_prior_preservation:
+        captions.append(cfg.class_prompt or "")
+    if cfg.validation_prompt:
+        captions.append(cfg.validation_prompt)
+    text_keys = cache_text.ensure_text_embeddings(captions, src, place, cfg.cache_path, cfg.max_sequence_length, log,
+                                                  stage)  # fmt: skip
+    if cfg.with_prior_preservation:
+        classes = data.scan_class_images(Path(cfg.class_data_dir or ""), cfg.class_prompt or "")
+        if len(classes) < cfg.num_class_images:
+            with stage("class images"):
+                generate_class_images(cfg, src, place, len(classes), text_keys[cfg.class_prompt or ""],
+                                      text_keys[NEGATIVE_PROMPT], log)  # fmt: skip
+            classes = data.scan_class_images(Path(cfg.class_data_dir or ""), cfg.class_prompt or "")
+        classes = classes[: cfg.num_class_images]
+    flips = (False, True) if cfg.random_flip else (False,)
+    specs = [cache_latents.LatentSpec(cfg.resolution, cfg.center_crop, f) for f in flips]
+    latent_keys = cache_latents.ensure_latents(instances + classes, specs, src, place, cfg.cache_path, log, stage)
+    shift, scale = models.vae_latent_params(src)
+    return Prepared(
+        src=src, instances=instances, classes=classes, text_keys=text_keys, latent_keys=latent_keys, flips=flips,
+        negative_key=text_keys[NEGATIVE_PROMPT],
+        validation_key=text_keys[cfg.validation_prompt] if cfg.validation_prompt else None,
+        shift_factor=shift, scaling_factor=scale,
+    )  # fmt: skip
+
+
+def prepare_command(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
+    """``sd3booth prepare``: only the caching stages, on the first GPU (or the CPU)."""
+    from sd3booth.tracking import Stages
+
+    models.quiet_libraries()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    place = models.plan_placement(device, cfg.mixed_precision, cfg.t5_precision)
+    stages = Stages(device)
+    prep = prepare(cfg, place, log, stages.stage)
+    log(f"cached: {len(prep.text_keys)} caption embedding(s), {len(prep.latent_keys)} latent(s), "
+        f"{len(prep.classes)} class image(s) in {cfg.cache_path}")  # fmt: skip
+    if stages.records:
+        log(stages.table())
+    return prep

@@ -1,0 +1,105 @@
+"""Image generation from cached text embeddings: validation images, class images, ``generate``.
+
+The pipeline is assembled from the components already in memory with no text encoder at all
+(embeddings come from the cache), so sampling inside the training process costs the VAE only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sd3booth.cache_text import TextEmbedding
+
+
+def make_pipeline(transformer: Any, vae: Any, scheduler: Any) -> Any:
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(
+    pipe: Any,
+    prompt: TextEmbedding,
+    negative: TextEmbedding,
+    n: int,
+    seed: int,
+    size: int,
+    steps: int,
+    guidance: float,
+    device: torch.device,
+    batch_size: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[Any]:
+    """n PIL images; image i always comes from seed + i, whatever the batch size."""
+    dtype = pipe.transformer.dtype
+    images = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+
+        def rep(t: torch.Tensor, count: int = count) -> torch.Tensor:
+            return t[None].expand(count, *t.shape).to(device, dtype)
+
+        generators = [torch.Generator(device=device).manual_seed(seed + start + i) for i in range(count)]
+        ctx = (
+            torch.autocast(device.type, dtype=autocast_dtype)
+            if autocast_dtype
+            else torch.autocast(device.type, enabled=False)
+        )
+        with ctx:
+            out = pipe(
+                prompt_embeds=rep(prompt.prompt_embeds), pooled_prompt_embeds=rep(prompt.pooled),
+                negative_prompt_embeds=rep(negative.prompt_embeds), negative_pooled_prompt_embeds=rep(negative.pooled),
+                num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, generator=generators,
+            )  # fmt: skip
+        images.extend(out.images)
+    return images
+
+
+def save_images(images: list[Any], folder: Path, prefix: str = "") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        p = folder / f"{prefix}{i:03d}.png"
+        img.save(p)
+        paths.append(p)
+    return paths
+
+
+def generate_with_lora(
+    model: str, lora_path: Path | None, prompt: str, out_dir: Path, num_images: int, seed: int, steps: int,
+    guidance: float, resolution: int, max_sequence_length: int, t5_precision: str, cache_dir: Path,
+    log: Any = print,
+) -> list[Path]:  # fmt: skip
+    """``sd3booth generate``: encode the prompt through the text cache, then sample base model + LoRA."""
+    from sd3booth import cache_text, models
+    from sd3booth.errors import UserError
+
+    models.quiet_libraries()
+    src = models.resolve_model(model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    place = models.plan_placement(device, None, t5_precision)
+    keys = cache_text.ensure_text_embeddings([prompt, ""], src, place, cache_dir, max_sequence_length, log)
+    emb = cache_text.load_text_embeddings(keys.values(), cache_dir, place.weight_dtype)
+    pipe = make_pipeline(models.load_transformer(src, place), models.load_vae(src, place), models.load_scheduler(src))
+    if lora_path is not None:
+        if not lora_path.is_file():
+            raise UserError(f"--lora {lora_path} does not exist; pass a pytorch_lora_weights.safetensors file")
+        try:
+            pipe.load_lora_weights(str(lora_path))
+        except Exception as e:  # noqa: BLE001 - a file of another model or format
+            raise UserError(
+                f"--lora {lora_path} does not fit this model ({type(e).__name__}: {e})".replace("\n", " ")
+            ) from None
+    autocast = place.weight_dtype if place.weight_dtype != torch.float32 else None
+    images = generate(pipe, emb[keys[prompt]], emb[keys[""]], num_images, seed, resolution, steps, guidance, device,
+                      autocast_dtype=autocast)  # fmt: skip
+    return save_images(images, out_dir, prefix="image-")

@@ -1,0 +1,67 @@
+"""What a run reports: per-stage peak memory and time, metrics.jsonl, and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class Stages:
+    """Peak GPU memory (allocated and reserved) and wall time of each named stage of a run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.records: list[dict[str, Any]] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        rec: dict[str, Any] = {"stage": name, "seconds": round(time.perf_counter() - t0, 3)}
+        if cuda:
+            rec["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            rec["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3)
+            rec["allocated_after_gib"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 3)
+        self.records.append(rec)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.records, indent=2) + "\n", encoding="utf-8")
+
+    def table(self) -> str:
+        lines = [f"{'stage':<28} {'seconds':>8} {'peak alloc GiB':>15} {'peak reserved GiB':>18}"]
+        for r in self.records:
+            lines.append(f"{r['stage']:<28} {r['seconds']:>8.2f} {r.get('peak_allocated_gib', 0):>15.2f} "
+                         f"{r.get('peak_reserved_gib', 0):>18.2f}")  # fmt: skip
+        return "\n".join(lines)
+
+
+class MetricsFile:
+    """Appends one JSON object per logged step to metrics.jsonl (kept across a resume)."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        if path.exists():  # drop lines from beyond the resume point, so the file tells one story
+            keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= resume_step]  # fmt: skip
+            path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def tracker_config(values: dict[str, Any]) -> dict[str, Any]:
+    """TensorBoard's hparams accept only scalars and strings."""
+    return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in values.items()}
