@@ -32,8 +32,9 @@ class LatentSpec:
 
 
 def latent_key(digest: str, spec: LatentSpec, vae_identity: str) -> str:
-    return content_key(kind="latent", image=digest, res=spec.resolution, center_crop=spec.center_crop,
-                       flip=spec.flip, vae=vae_identity)  # fmt: skip
+    return content_key(
+        kind="latent", image=digest, res=spec.resolution, center_crop=spec.center_crop, flip=spec.flip, vae=vae_identity
+    )
 
 
 def ensure_latents(

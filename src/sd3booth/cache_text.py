@@ -42,8 +42,9 @@ def _clip_embed(tok, enc, captions: list[str], device: torch.device) -> tuple[to
 
 
 def _t5_embed(tok, enc, captions: list[str], device: torch.device, length: int) -> torch.Tensor:
-    ids = tok(captions, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
-              return_tensors="pt")  # fmt: skip
+    ids = tok(
+        captions, padding="max_length", max_length=length, truncation=True, add_special_tokens=True, return_tensors="pt"
+    )
     return enc(ids.input_ids.to(device))[0].float().cpu()
 
 
@@ -90,8 +91,12 @@ def ensure_text_embeddings(
         else:
             with stage(f"text encoder T5 ({place.t5_precision})"):
                 tok, enc = models.load_text_encoder(src, 3, place)
-                t5 = torch.cat([_t5_embed(tok, enc, chunk, place.t5_device, max_sequence_length)
-                                for chunk in _batches(todo, ENCODE_BATCH)])  # fmt: skip
+                t5 = torch.cat(
+                    [
+                        _t5_embed(tok, enc, chunk, place.t5_device, max_sequence_length)
+                        for chunk in _batches(todo, ENCODE_BATCH)
+                    ]
+                )
                 models.free(enc)
                 del enc
     clip = torch.cat([torch.cat(clip_states[0]), torch.cat(clip_states[1])], dim=-1)
@@ -99,8 +104,9 @@ def ensure_text_embeddings(
     prompt_embeds = torch.cat([clip, t5], dim=-2)
     pooled_all = torch.cat([torch.cat(pooled[0]), torch.cat(pooled[1])], dim=-1)
     for i, caption in enumerate(todo):
-        store.put(keys[caption], {"prompt_embeds": prompt_embeds[i], "pooled": pooled_all[i]},
-                  metadata={"caption": caption})  # fmt: skip
+        store.put(
+            keys[caption], {"prompt_embeds": prompt_embeds[i], "pooled": pooled_all[i]}, metadata={"caption": caption}
+        )
     return keys
 
 

@@ -30,8 +30,15 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def save(root: Path, step: int, lora: dict[str, torch.Tensor], trainer_state: dict[str, Any], meta: dict[str, Any],
-         extra_files: dict[str, Path] | None = None, total_limit: int | None = None) -> Path:  # fmt: skip
+def save(
+    root: Path,
+    step: int,
+    lora: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any],
+    meta: dict[str, Any],
+    extra_files: dict[str, Path] | None = None,
+    total_limit: int | None = None,
+) -> Path:
     """Writes checkpoint-<step> atomically, then prunes the oldest beyond total_limit."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step}"
@@ -63,8 +70,10 @@ def find(root: Path, which: str) -> Path | None:
     if not p.is_absolute() and not p.exists():
         p = root / which
     if not (p / "state.json").is_file():
-        raise UserError(f"--resume_from_checkpoint {which}: {p} is not a checkpoint folder; use 'latest' or a "
-                        f"{PREFIX}N folder under {root}")  # fmt: skip
+        raise UserError(
+            f"--resume_from_checkpoint {which}: {p} is not a checkpoint folder; use 'latest' or a "
+            f"{PREFIX}N folder under {root}"
+        )
     return p
 
 

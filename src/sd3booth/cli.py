@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -37,9 +38,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     root = _Parser(prog="sd3booth", description="DreamBooth LoRA training for Stable Diffusion 3 / 3.5.")
     sub = root.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subs: dict[str, argparse.ArgumentParser] = {}
-    p = subs["train"] = sub.add_parser("train", help="Prepare any missing cache, then train a LoRA.",
-                                       description="Prepare any missing cache (text embeddings, class images, "
-                                       "latents), then train a LoRA. Flags override --config.")  # fmt: skip
+    p = subs["train"] = sub.add_parser(
+        "train",
+        help="Prepare any missing cache, then train a LoRA.",
+        description="Prepare any missing cache (text embeddings, class images, "
+        "latents), then train a LoRA. Flags override --config.",
+    )
     add_train_arguments(p)
     p = subs["prepare"] = sub.add_parser("prepare", help="Only the caching stages (embeddings, class images, latents).")
     add_train_arguments(p)
@@ -55,16 +59,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance. [default: 7.0]")
     p.add_argument("--resolution", type=int, help="Image size (default: the training resolution, else 1024).")
     p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens of the prompt. [default: 256]")
-    p.add_argument("--t5_precision", default="bf16", choices=["bf16", "int8", "nf4", "cpu", "none"],
-                   help="How T5 runs while the prompt is encoded. [default: bf16]")  # fmt: skip
+    p.add_argument(
+        "--t5_precision",
+        default="bf16",
+        choices=["bf16", "int8", "nf4", "cpu", "none"],
+        help="How T5 runs while the prompt is encoded. [default: bf16]",
+    )
     p.add_argument("--output_dir", default="generated", help="Where the PNGs go. [default: generated]")
     p.add_argument("--cache_dir", help="Text-embedding cache (default: OUTPUT_DIR/cache).")
     p = subs["random-model"] = sub.add_parser(
         "random-model", help="Write a random-weight SD3 pipeline (tests, benchmarks)."
     )
     p.add_argument("dir", help="Folder to write (replaced if it exists).")
-    p.add_argument("--arch", default="tiny", choices=["tiny", "sd3-medium", "sd3.5-medium", "sd3.5-large"],
-                   help="tiny for tests and the demo; the others at true size. [default: tiny]")  # fmt: skip
+    p.add_argument(
+        "--arch",
+        default="tiny",
+        choices=["tiny", "sd3-medium", "sd3.5-medium", "sd3.5-large"],
+        help="tiny for tests and the demo; the others at true size. [default: tiny]",
+    )
     p.add_argument("--seed", type=int, default=0, help="Seed of the random weights. [default: 0]")
     p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
     p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
@@ -98,10 +110,19 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         raise UserError("generate: no base model; pass --pretrained_model_name_or_path")
     out = Path(ns.output_dir)
     paths = generate_with_lora(
-        model, lora_path, ns.prompt, out, ns.num_images, ns.seed, ns.num_inference_steps, ns.guidance_scale,
-        ns.resolution or settings.get("resolution") or 1024, ns.max_sequence_length, ns.t5_precision,
+        model,
+        lora_path,
+        ns.prompt,
+        out,
+        ns.num_images,
+        ns.seed,
+        ns.num_inference_steps,
+        ns.guidance_scale,
+        ns.resolution or settings.get("resolution") or 1024,
+        ns.max_sequence_length,
+        ns.t5_precision,
         Path(ns.cache_dir) if ns.cache_dir else out / "cache",
-    )  # fmt: skip
+    )
     for p in paths:
         print(p)
     return 0
@@ -126,6 +147,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # import-time chatter about optional CPU kernels
     argv = list(sys.argv[1:] if argv is None else argv)
     root, subs = build_parser()
     try:

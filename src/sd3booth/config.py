@@ -52,60 +52,84 @@ class TrainConfig:
 
     # model
     pretrained_model_name_or_path: str | None = _f(
-        None, "Base model: a local diffusers SD3 folder or a Hugging Face hub id (SD3 Medium, SD3.5 Medium/Large).",
-        group="model")  # fmt: skip
+        None,
+        "Base model: a local diffusers SD3 folder or a Hugging Face hub id (SD3 Medium, SD3.5 Medium/Large).",
+        group="model",
+    )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.", group="model")
     variant: str | None = _f(None, "Weight file variant of the base model, e.g. 'fp16'.", group="model")
     t5_precision: str = _f(
         "bf16",
         "How T5-XXL runs while captions are encoded: bf16 on the GPU, int8 or nf4 (bitsandbytes, GPU), "
         "cpu (bf16 on the CPU, no GPU memory), or none (T5 skipped, zeros as the pipeline does without it).",
-        choices=T5_PRECISIONS, group="model")  # fmt: skip
-    max_sequence_length: int = _f(77, "T5 tokens per caption (the reference trains with 77; the pipeline uses 256).",
-                                  group="model")  # fmt: skip
+        choices=T5_PRECISIONS,
+        group="model",
+    )
+    max_sequence_length: int = _f(
+        77, "T5 tokens per caption (the reference trains with 77; the pipeline uses 256).", group="model"
+    )
     # data
     instance_data_dir: str | None = _f(
-        None, "Folder of instance images; captions from metadata.jsonl, same-name .txt files, or --instance_prompt.",
-        group="data")  # fmt: skip
+        None,
+        "Folder of instance images; captions from metadata.jsonl, same-name .txt files, or --instance_prompt.",
+        group="data",
+    )
     dataset_name: str | None = _f(
-        None, "A local folder in imagefolder layout, or a hub dataset (needs the 'datasets' package and a network).",
-        group="data")  # fmt: skip
+        None,
+        "A local folder in imagefolder layout, or a hub dataset (needs the 'datasets' package and a network).",
+        group="data",
+    )
     caption_column: str = _f("caption", "Caption key in metadata.jsonl (or column of --dataset_name).", group="data")
     image_column: str | None = _f(
-        None, "Image key in metadata.jsonl (default 'file_name'), or image column of a hub dataset (default 'image').",
-        group="data")  # fmt: skip
+        None,
+        "Image key in metadata.jsonl (default 'file_name'), or image column of a hub dataset (default 'image').",
+        group="data",
+    )
     instance_prompt: str | None = _f(
         None, "Caption for every image that has none, e.g. 'a photo of sks dog'.", group="data"
     )
     resolution: int = _f(512, "Training resolution in pixels (square; a multiple of 16).", group="data")
-    center_crop: bool = _f(False, "Center-crop images; otherwise crop randomly each step (in latent space).",
-                           group="data")  # fmt: skip
-    random_flip: bool = _f(False, "Flip images horizontally at random each step (both flips are cached).",
-                           group="data")  # fmt: skip
+    center_crop: bool = _f(
+        False, "Center-crop images; otherwise crop randomly each step (in latent space).", group="data"
+    )
+    random_flip: bool = _f(False, "Flip images horizontally at random each step (both flips are cached).", group="data")
     repeats: int = _f(1, "How many times each instance image appears per epoch.", group="data")
     cache_dir: str | None = _f(
-        None, "Where text embeddings and latents are cached (default OUTPUT_DIR/cache). Keys are content hashes, "
-        "so one cache can serve many runs.", group="data")  # fmt: skip
+        None,
+        "Where text embeddings and latents are cached (default OUTPUT_DIR/cache). Keys are content hashes, "
+        "so one cache can serve many runs.",
+        group="data",
+    )
     # prior preservation
-    with_prior_preservation: bool = _f(False, "Add the DreamBooth prior-preservation loss on class images.",
-                                       group="prior")  # fmt: skip
-    class_data_dir: str | None = _f(None, "Folder of class images; missing ones are generated and kept there.",
-                                    group="prior")  # fmt: skip
+    with_prior_preservation: bool = _f(
+        False, "Add the DreamBooth prior-preservation loss on class images.", group="prior"
+    )
+    class_data_dir: str | None = _f(
+        None, "Folder of class images; missing ones are generated and kept there.", group="prior"
+    )
     class_prompt: str | None = _f(None, "Prompt of the class, e.g. 'a photo of a dog'.", group="prior")
-    num_class_images: int = _f(100, "Class images wanted; the shortfall is generated with the base model.",
-                               group="prior")  # fmt: skip
+    num_class_images: int = _f(
+        100, "Class images wanted; the shortfall is generated with the base model.", group="prior"
+    )
     prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.", group="prior")
     sample_batch_size: int = _f(4, "Batch size when generating class images.", group="prior")
     # LoRA
     rank: int = _f(4, "LoRA rank.", group="lora")
-    lora_alpha: int | None = _f(None, "LoRA alpha (default: rank). Baked into the saved file, which loads with "
-                                "alpha = rank everywhere.", group="lora")  # fmt: skip
+    lora_alpha: int | None = _f(
+        None,
+        "LoRA alpha (default: rank). Baked into the saved file, which loads with alpha = rank everywhere.",
+        group="lora",
+    )
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", group="lora")
     lora_layers: str | None = _f(
-        None, "Comma-separated module names to train, e.g. 'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0' "
-        f"(default: {','.join(DEFAULT_LORA_LAYERS)}).", group="lora")  # fmt: skip
-    lora_blocks: str | None = _f(None, "Comma-separated transformer block indices to train, e.g. '12,13' "
-                                 "(default: all blocks).", group="lora")  # fmt: skip
+        None,
+        "Comma-separated module names to train, e.g. 'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0' "
+        f"(default: {','.join(DEFAULT_LORA_LAYERS)}).",
+        group="lora",
+    )
+    lora_blocks: str | None = _f(
+        None, "Comma-separated transformer block indices to train, e.g. '12,13' (default: all blocks).", group="lora"
+    )
     # optimisation
     train_batch_size: int = _f(4, "Instance images per step and process (prior preservation adds as many).")
     num_train_epochs: int = _f(1, "Epochs to train; ignored when --max_train_steps is set.")
@@ -130,30 +154,35 @@ class TrainConfig:
     adam_weight_decay: float = _f(1e-4, "Weight decay of the LoRA parameters.")
     adam_epsilon: float = _f(1e-8, "Epsilon of Adam and Prodigy.")
     mixed_precision: str | None = _f(
-        None, "no, fp16 or bf16 (default: bf16 on a GPU that has it, fp16 on one that has not, no on CPU). "
-        "LoRA weights and optimizer state stay fp32; fp16 uses a gradient scaler.", choices=MIXED_PRECISIONS)  # fmt: skip
+        None,
+        "no, fp16 or bf16 (default: bf16 on a GPU that has it, fp16 on one that has not, no on CPU). "
+        "LoRA weights and optimizer state stay fp32; fp16 uses a gradient scaler.",
+        choices=MIXED_PRECISIONS,
+    )
     allow_tf32: bool = _f(False, "Allow TF32 matrix products on Ampere and newer GPUs.")
     seed: int | None = _f(None, "Random seed; the same seed gives bit-identical LoRA weights on CPU.")
     # flow matching
-    weighting_scheme: str = _f("logit_normal", "Timestep density and loss weighting (SD3 paper).",
-                               choices=WEIGHTING_SCHEMES, group="flow")  # fmt: skip
+    weighting_scheme: str = _f(
+        "logit_normal", "Timestep density and loss weighting (SD3 paper).", choices=WEIGHTING_SCHEMES, group="flow"
+    )
     logit_mean: float = _f(0.0, "Mean of the logit_normal timestep density.", group="flow")
     logit_std: float = _f(1.0, "Std of the logit_normal timestep density.", group="flow")
     mode_scale: float = _f(1.29, "Scale of the 'mode' timestep density.", group="flow")
-    precondition_outputs: int = _f(1, "1: loss on the denoised latent (reference default); 0: on the velocity.",
-                                   group="flow")  # fmt: skip
+    precondition_outputs: int = _f(
+        1, "1: loss on the denoised latent (reference default); 0: on the velocity.", group="flow"
+    )
     # validation
     validation_prompt: str | None = _f(None, "Prompt for validation images during training.", group="validation")
     num_validation_images: int = _f(4, "Validation images per validation.", group="validation")
-    validation_epochs: int = _f(50, "Validate every N epochs (when --validation_steps is not set).",
-                                group="validation")  # fmt: skip
+    validation_epochs: int = _f(50, "Validate every N epochs (when --validation_steps is not set).", group="validation")
     validation_steps: int | None = _f(None, "Validate every N optimizer steps.", group="validation")
     num_inference_steps: int = _f(28, "Sampling steps for validation and class images.", group="validation")
     guidance_scale: float = _f(7.0, "Classifier-free guidance for validation and class images.", group="validation")
     # checkpoints and output
     output_dir: str = _f("sd3-dreambooth-lora", "Where the LoRA, checkpoints, images and logs go.", group="output")
-    overwrite_output_dir: bool = _f(False, "Allow writing into an output folder that holds another run "
-                                    "(its cache is kept).", group="output")  # fmt: skip
+    overwrite_output_dir: bool = _f(
+        False, "Allow writing into an output folder that holds another run (its cache is kept).", group="output"
+    )
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer steps.", group="output")
     checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints.", group="output")
     resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder to continue from.", group="output")
@@ -300,8 +329,17 @@ def validate(cfg: TrainConfig) -> None:
         bad("--use_8bit_adam conflicts with --optimizer prodigy; choose one optimizer")
     if cfg.resolution < 16 or cfg.resolution % 16:
         bad(f"--resolution {cfg.resolution} must be a positive multiple of 16 (VAE factor 8 x patch size 2)")
-    positive = ("train_batch_size", "gradient_accumulation_steps", "rank", "repeats", "num_train_epochs",
-                "checkpointing_steps", "num_inference_steps", "sample_batch_size", "logging_steps")  # fmt: skip
+    positive = (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "rank",
+        "repeats",
+        "num_train_epochs",
+        "checkpointing_steps",
+        "num_inference_steps",
+        "sample_batch_size",
+        "logging_steps",
+    )
     for name in positive:
         if getattr(cfg, name) < 1:
             bad(f"--{name} must be at least 1, got {getattr(cfg, name)}")

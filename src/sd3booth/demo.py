@@ -15,13 +15,30 @@ from sd3booth.config import TrainConfig, validate
 
 def demo_config(out: Path, model_dir: Path, data_dir: Path) -> TrainConfig:
     return TrainConfig(
-        pretrained_model_name_or_path=str(model_dir), instance_data_dir=str(data_dir), output_dir=str(out / "run"),
-        overwrite_output_dir=True, resolution=64, train_batch_size=2, max_train_steps=40, learning_rate=1e-3,
-        rank=4, seed=0, lr_warmup_steps=0, random_flip=True, with_prior_preservation=True,
-        class_data_dir=str(out / "class_images"), class_prompt="a photo of a toy", num_class_images=4,
-        validation_prompt="a photo of sks toy on a beach", num_validation_images=2, validation_steps=20,
-        num_inference_steps=4, checkpointing_steps=20, checkpoints_total_limit=1, report_to="tensorboard",
-    )  # fmt: skip
+        pretrained_model_name_or_path=str(model_dir),
+        instance_data_dir=str(data_dir),
+        output_dir=str(out / "run"),
+        overwrite_output_dir=True,
+        resolution=64,
+        train_batch_size=2,
+        max_train_steps=40,
+        learning_rate=1e-3,
+        rank=4,
+        seed=0,
+        lr_warmup_steps=0,
+        random_flip=True,
+        with_prior_preservation=True,
+        class_data_dir=str(out / "class_images"),
+        class_prompt="a photo of a toy",
+        num_class_images=4,
+        validation_prompt="a photo of sks toy on a beach",
+        num_validation_images=2,
+        validation_steps=20,
+        num_inference_steps=4,
+        checkpointing_steps=20,
+        checkpoints_total_limit=1,
+        report_to="tensorboard",
+    )
 
 
 def run_demo(out: Path) -> Path:
@@ -40,7 +57,7 @@ def run_demo(out: Path) -> Path:
     result = train.train(cfg)
     seconds = time.perf_counter() - t0
     print()
-    print("sd3booth demo: done in %.0f s" % seconds)
+    print(f"sd3booth demo: done in {seconds:.0f} s")
     print(f"  LoRA              {result.lora_path}")
     print(f"  steps             {result.steps}, final loss {result.final_loss:.4f}")
     print(f"  validation images {', '.join(str(d) for d in result.validation_dirs)}")

@@ -20,9 +20,12 @@ def sample_indices(
 ) -> torch.Tensor:
     """Indices into the scheduler's training timesteps, drawn from the scheme's density (global RNG)."""
     u = compute_density_for_timestep_sampling(
-        weighting_scheme=weighting_scheme, batch_size=batch_size, logit_mean=logit_mean, logit_std=logit_std,
+        weighting_scheme=weighting_scheme,
+        batch_size=batch_size,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
         mode_scale=mode_scale,
-    )  # fmt: skip
+    )
     return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 

@@ -32,8 +32,13 @@ def resolve_targets(transformer: torch.nn.Module, layers: list[str], blocks: lis
     else:
         targets = list(layers)
     names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
-    unknown = sorted({t.split(".", 2)[-1] if blocks is not None else t for t in targets
-                      if not any(n == t or n.endswith("." + t) for n in names)})  # fmt: skip
+    unknown = sorted(
+        {
+            t.split(".", 2)[-1] if blocks is not None else t
+            for t in targets
+            if not any(n == t or n.endswith("." + t) for n in names)
+        }
+    )
     if unknown:
         raise UserError(
             f"--lora_layers {','.join(unknown)} match no Linear layer of the transformer; "
@@ -46,8 +51,9 @@ def add_lora(
     transformer: torch.nn.Module, rank: int, alpha: int, dropout: float, targets: list[str]
 ) -> list[torch.nn.Parameter]:
     """Adds a trainable LoRA (Gaussian A, zero B, as the reference); returns its parameters, cast to fp32."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-                        target_modules=targets)  # fmt: skip
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
+    )
     transformer.add_adapter(config)
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:

@@ -142,8 +142,14 @@ def plan_placement(device: torch.device, mixed_precision: str | None, t5_precisi
     # CLIP runs in the training precision (fp32 on CPU); the SD3 VAE overflows in fp16, so it stays fp32
     # there (as the reference does) and bf16 otherwise.
     vae = torch.float32 if mp in ("no", "fp16") else torch.bfloat16
-    return Placement(device=device, weight_dtype=weight, mixed_precision=mp, text_dtype=weight,
-                     t5_precision=t5_precision, vae_dtype=vae)  # fmt: skip
+    return Placement(
+        device=device,
+        weight_dtype=weight,
+        mixed_precision=mp,
+        text_dtype=weight,
+        t5_precision=t5_precision,
+        vae_dtype=vae,
+    )
 
 
 # ---- loaders ---------------------------------------------------------------------------------------------
@@ -176,8 +182,13 @@ def load_text_encoder(src: ModelSource, index: int, place: Placement) -> tuple[A
             else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
         )
         # bf16, not fp16: in fp16 transformers keeps T5's FFN `wo` in fp32 (+2 GB) and T5 overflows.
-        model = T5EncoderModel.from_pretrained(src.root / "text_encoder_3", dtype=torch.bfloat16,
-                                               quantization_config=q, device_map={"": place.device}, **kw)  # fmt: skip
+        model = T5EncoderModel.from_pretrained(
+            src.root / "text_encoder_3",
+            dtype=torch.bfloat16,
+            quantization_config=q,
+            device_map={"": place.device},
+            **kw,
+        )
     else:
         dtype = (
             torch.float32 if place.t5_device.type == "cpu" and place.weight_dtype == torch.float32 else torch.bfloat16

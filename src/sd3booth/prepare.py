@@ -43,8 +43,13 @@ def scan_data(cfg: TrainConfig, log: Callable[[str], None]) -> list[data.Example
     root = Path(cfg.data_dir or "")
     if cfg.dataset_name and not root.exists():
         root = _materialize_hub_dataset(cfg, log)
-    examples = data.scan_images(root, caption_column=cfg.caption_column, image_column=cfg.image_column or "file_name",
-                                instance_prompt=cfg.instance_prompt, warn=log)  # fmt: skip
+    examples = data.scan_images(
+        root,
+        caption_column=cfg.caption_column,
+        image_column=cfg.image_column or "file_name",
+        instance_prompt=cfg.instance_prompt,
+        warn=log,
+    )
     if len(examples) < cfg.train_batch_size:
         raise UserError(
             f"{root} has {len(examples)} usable image(s), fewer than one batch (--train_batch_size "
@@ -86,9 +91,14 @@ def _materialize_hub_dataset(cfg: TrainConfig, log: Callable[[str], None]) -> Pa
 
 
 def generate_class_images(
-    cfg: TrainConfig, src: ModelSource, place: Placement, have: int, prompt_key: str, negative_key: str,
+    cfg: TrainConfig,
+    src: ModelSource,
+    place: Placement,
+    have: int,
+    prompt_key: str,
+    negative_key: str,
     log: Callable[[str], None],
-) -> None:  # fmt: skip
+) -> None:
     """Generates the missing class images with the base model and keeps them in --class_data_dir."""
     missing = cfg.num_class_images - have
     log(f"generating {missing} class image(s) for '{cfg.class_prompt}'")
@@ -102,17 +112,31 @@ def generate_class_images(
     autocast = place.weight_dtype if place.weight_dtype != torch.float32 else None
     for start in range(0, missing, cfg.sample_batch_size):
         count = min(cfg.sample_batch_size, missing - start)
-        images = sample.generate(pipe, emb[prompt_key], emb[negative_key], count, seed + start, cfg.resolution,
-                                 cfg.num_inference_steps, cfg.guidance_scale, place.device, batch_size=count,
-                                 autocast_dtype=autocast)  # fmt: skip
+        images = sample.generate(
+            pipe,
+            emb[prompt_key],
+            emb[negative_key],
+            count,
+            seed + start,
+            cfg.resolution,
+            cfg.num_inference_steps,
+            cfg.guidance_scale,
+            place.device,
+            batch_size=count,
+            autocast_dtype=autocast,
+        )
         for i, img in enumerate(images):
             img.save(folder / f"class-{tag}-{have + start + i:05d}.png")
     models.free(transformer, vae)
     del pipe, transformer, vae
 
 
-def prepare(cfg: TrainConfig, place: Placement, log: Callable[[str], None] = print,
-            stage: Callable[[str], AbstractContextManager] = lambda name: nullcontext()) -> Prepared:  # fmt: skip
+def prepare(
+    cfg: TrainConfig,
+    place: Placement,
+    log: Callable[[str], None] = print,
+    stage: Callable[[str], AbstractContextManager] = lambda name: nullcontext(),
+) -> Prepared:
     """Runs every caching stage that is not already cached; returns the index for the trainer."""
     src = models.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
     instances = scan_data(cfg, log)
@@ -122,14 +146,16 @@ def prepare(cfg: TrainConfig, place: Placement, log: Callable[[str], None] = pri
         captions.append(cfg.class_prompt or "")
     if cfg.validation_prompt:
         captions.append(cfg.validation_prompt)
-    text_keys = cache_text.ensure_text_embeddings(captions, src, place, cfg.cache_path, cfg.max_sequence_length, log,
-                                                  stage)  # fmt: skip
+    text_keys = cache_text.ensure_text_embeddings(
+        captions, src, place, cfg.cache_path, cfg.max_sequence_length, log, stage
+    )
     if cfg.with_prior_preservation:
         classes = data.scan_class_images(Path(cfg.class_data_dir or ""), cfg.class_prompt or "")
         if len(classes) < cfg.num_class_images:
             with stage("class images"):
-                generate_class_images(cfg, src, place, len(classes), text_keys[cfg.class_prompt or ""],
-                                      text_keys[NEGATIVE_PROMPT], log)  # fmt: skip
+                generate_class_images(
+                    cfg, src, place, len(classes), text_keys[cfg.class_prompt or ""], text_keys[NEGATIVE_PROMPT], log
+                )
             classes = data.scan_class_images(Path(cfg.class_data_dir or ""), cfg.class_prompt or "")
         classes = classes[: cfg.num_class_images]
     flips = (False, True) if cfg.random_flip else (False,)
@@ -137,11 +163,17 @@ def prepare(cfg: TrainConfig, place: Placement, log: Callable[[str], None] = pri
     latent_keys = cache_latents.ensure_latents(instances + classes, specs, src, place, cfg.cache_path, log, stage)
     shift, scale = models.vae_latent_params(src)
     return Prepared(
-        src=src, instances=instances, classes=classes, text_keys=text_keys, latent_keys=latent_keys, flips=flips,
+        src=src,
+        instances=instances,
+        classes=classes,
+        text_keys=text_keys,
+        latent_keys=latent_keys,
+        flips=flips,
         negative_key=text_keys[NEGATIVE_PROMPT],
         validation_key=text_keys[cfg.validation_prompt] if cfg.validation_prompt else None,
-        shift_factor=shift, scaling_factor=scale,
-    )  # fmt: skip
+        shift_factor=shift,
+        scaling_factor=scale,
+    )
 
 
 def prepare_command(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
@@ -153,8 +185,10 @@ def prepare_command(cfg: TrainConfig, log: Callable[[str], None] = print) -> Pre
     place = models.plan_placement(device, cfg.mixed_precision, cfg.t5_precision)
     stages = Stages(device)
     prep = prepare(cfg, place, log, stages.stage)
-    log(f"cached: {len(prep.text_keys)} caption embedding(s), {len(prep.latent_keys)} latent(s), "
-        f"{len(prep.classes)} class image(s) in {cfg.cache_path}")  # fmt: skip
+    log(
+        f"cached: {len(prep.text_keys)} caption embedding(s), {len(prep.latent_keys)} latent(s), "
+        f"{len(prep.classes)} class image(s) in {cfg.cache_path}"
+    )
     if stages.records:
         log(stages.table())
     return prep

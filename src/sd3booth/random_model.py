@@ -44,42 +44,114 @@ _REAL_VAE = dict(
     use_quant_conv=False,
     use_post_quant_conv=False,
 )
-_CLIP_L = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-               projection_dim=768, hidden_act="quick_gelu", vocab_size=49408)  # fmt: skip
-_CLIP_G = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
-               projection_dim=1280, hidden_act="gelu", vocab_size=49408)  # fmt: skip
-_T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
-               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)  # fmt: skip
-_SD3_COMMON = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
-                   joint_attention_dim=4096, pooled_projection_dim=2048)  # fmt: skip
+_CLIP_L = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    vocab_size=49408,
+)
+_CLIP_G = dict(
+    hidden_size=1280,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    intermediate_size=5120,
+    projection_dim=1280,
+    hidden_act="gelu",
+    vocab_size=49408,
+)
+_T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_ff=10240,
+    d_kv=64,
+    num_heads=64,
+    num_layers=24,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+)
+_SD3_COMMON = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    attention_head_dim=64,
+    joint_attention_dim=4096,
+    pooled_projection_dim=2048,
+)
 
 
 def get_arch(name: str) -> Arch:
     """The component configs of one architecture."""
     if name == "tiny":
         return Arch(
-            transformer=dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
-                             caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32),
-            vae=dict(_REAL_VAE, block_out_channels=[16, 16, 16, 16], layers_per_block=1, norm_num_groups=8,
-                     sample_size=64),
-            clip_l=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                        projection_dim=32, hidden_act="quick_gelu"),
-            clip_g=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                        projection_dim=32, hidden_act="gelu"),
-            t5=dict(d_model=64, d_ff=37, d_kv=8, num_heads=4, num_layers=2, feed_forward_proj="gated-gelu",
-                    relative_attention_num_buckets=8),
-        )  # fmt: skip
+            transformer=dict(
+                sample_size=32,
+                patch_size=2,
+                in_channels=16,
+                out_channels=16,
+                num_layers=2,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=64,
+                caption_projection_dim=32,
+                pooled_projection_dim=64,
+                pos_embed_max_size=32,
+            ),
+            vae=dict(
+                _REAL_VAE, block_out_channels=[16, 16, 16, 16], layers_per_block=1, norm_num_groups=8, sample_size=64
+            ),
+            clip_l=dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=37,
+                projection_dim=32,
+                hidden_act="quick_gelu",
+            ),
+            clip_g=dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=37,
+                projection_dim=32,
+                hidden_act="gelu",
+            ),
+            t5=dict(
+                d_model=64,
+                d_ff=37,
+                d_kv=8,
+                num_heads=4,
+                num_layers=2,
+                feed_forward_proj="gated-gelu",
+                relative_attention_num_buckets=8,
+            ),
+        )
     if name == "sd3-medium":
         tr = dict(
             _SD3_COMMON, num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192
         )
     elif name == "sd3.5-medium":
-        tr = dict(_SD3_COMMON, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
-                  pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")  # fmt: skip
+        tr = dict(
+            _SD3_COMMON,
+            num_layers=24,
+            num_attention_heads=24,
+            caption_projection_dim=1536,
+            pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)),
+            qk_norm="rms_norm",
+        )
     elif name == "sd3.5-large":
-        tr = dict(_SD3_COMMON, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
-                  pos_embed_max_size=192, qk_norm="rms_norm")  # fmt: skip
+        tr = dict(
+            _SD3_COMMON,
+            num_layers=38,
+            num_attention_heads=38,
+            caption_projection_dim=2432,
+            pos_embed_max_size=192,
+            qk_norm="rms_norm",
+        )
     else:
         raise ValueError(f"unknown arch {name!r}; choose one of {', '.join(ARCHS)}")
     return Arch(transformer=tr, vae=dict(_REAL_VAE), clip_l=dict(_CLIP_L), clip_g=dict(_CLIP_G), t5=dict(_T5_XXL))
@@ -110,8 +182,9 @@ def write_clip_tokenizer(folder: Path) -> Any:
     vocab["<|endoftext|>"] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
-                        model_max_length=77)  # fmt: skip
+    tok = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    )
     tok.save_pretrained(folder)
     return tok
 
@@ -127,10 +200,12 @@ def write_t5_tokenizer(folder: Path) -> Any:
     tk = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                      special_tokens=[("</s>", 1)])  # fmt: skip
-    tok = T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                          extra_ids=0, model_max_length=512)  # fmt: skip
+    tk.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    tok = T5TokenizerFast(
+        tokenizer_object=tk, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0, model_max_length=512
+    )
     tok.save_pretrained(folder)
     return tok
 
@@ -163,8 +238,12 @@ def write_random_model(out_dir: str | Path, arch: str = "tiny", seed: int = 0, d
     clip_tok = write_clip_tokenizer(out / "tokenizer")
     write_clip_tokenizer(out / "tokenizer_2")
     t5_tok = write_t5_tokenizer(out / "tokenizer_3")
-    special = dict(bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-                   pad_token_id=clip_tok.pad_token_id, max_position_embeddings=77)  # fmt: skip
+    special = dict(
+        bos_token_id=clip_tok.bos_token_id,
+        eos_token_id=clip_tok.eos_token_id,
+        pad_token_id=clip_tok.pad_token_id,
+        max_position_embeddings=77,
+    )
 
     def build(make: Any, folder: str) -> None:
         with torch.device(dev):
@@ -184,8 +263,10 @@ def write_random_model(out_dir: str | Path, arch: str = "tiny", seed: int = 0, d
     t5.setdefault("vocab_size", len(t5_tok))
     build(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**clip_l, **special)), "text_encoder")
     build(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**clip_g, **special)), "text_encoder_2")
-    build(lambda: T5EncoderModel(T5Config(**t5, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
-          "text_encoder_3")  # fmt: skip
+    build(
+        lambda: T5EncoderModel(T5Config(**t5, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
+        "text_encoder_3",
+    )
     build(lambda: SD3Transformer2DModel(**spec.transformer), "transformer")
     build(lambda: AutoencoderKL(**spec.vae), "vae")
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(out / "scheduler")

@@ -18,9 +18,16 @@ def make_pipeline(transformer: Any, vae: Any, scheduler: Any) -> Any:
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=None, tokenizer=None,
-        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-    )  # fmt: skip
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -56,10 +63,16 @@ def generate(
         )
         with ctx:
             out = pipe(
-                prompt_embeds=rep(prompt.prompt_embeds), pooled_prompt_embeds=rep(prompt.pooled),
-                negative_prompt_embeds=rep(negative.prompt_embeds), negative_pooled_prompt_embeds=rep(negative.pooled),
-                num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, generator=generators,
-            )  # fmt: skip
+                prompt_embeds=rep(prompt.prompt_embeds),
+                pooled_prompt_embeds=rep(prompt.pooled),
+                negative_prompt_embeds=rep(negative.prompt_embeds),
+                negative_pooled_prompt_embeds=rep(negative.pooled),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=size,
+                width=size,
+                generator=generators,
+            )
         images.extend(out.images)
     return images
 
@@ -75,10 +88,20 @@ def save_images(images: list[Any], folder: Path, prefix: str = "") -> list[Path]
 
 
 def generate_with_lora(
-    model: str, lora_path: Path | None, prompt: str, out_dir: Path, num_images: int, seed: int, steps: int,
-    guidance: float, resolution: int, max_sequence_length: int, t5_precision: str, cache_dir: Path,
+    model: str,
+    lora_path: Path | None,
+    prompt: str,
+    out_dir: Path,
+    num_images: int,
+    seed: int,
+    steps: int,
+    guidance: float,
+    resolution: int,
+    max_sequence_length: int,
+    t5_precision: str,
+    cache_dir: Path,
     log: Any = print,
-) -> list[Path]:  # fmt: skip
+) -> list[Path]:
     """``sd3booth generate``: encode the prompt through the text cache, then sample base model + LoRA."""
     from sd3booth import cache_text, models
     from sd3booth.errors import UserError
@@ -100,6 +123,16 @@ def generate_with_lora(
                 f"--lora {lora_path} does not fit this model ({type(e).__name__}: {e})".replace("\n", " ")
             ) from None
     autocast = place.weight_dtype if place.weight_dtype != torch.float32 else None
-    images = generate(pipe, emb[keys[prompt]], emb[keys[""]], num_images, seed, resolution, steps, guidance, device,
-                      autocast_dtype=autocast)  # fmt: skip
+    images = generate(
+        pipe,
+        emb[keys[prompt]],
+        emb[keys[""]],
+        num_images,
+        seed,
+        resolution,
+        steps,
+        guidance,
+        device,
+        autocast_dtype=autocast,
+    )
     return save_images(images, out_dir, prefix="image-")

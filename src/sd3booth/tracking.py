@@ -13,28 +13,44 @@ import torch
 
 
 class Stages:
-    """Peak GPU memory (allocated and reserved) and wall time of each named stage of a run."""
+    """Peak GPU memory (allocated and reserved) and wall time of each named stage of a run.
+
+    Stages may nest (validation inside training): the inner one resets the peak counters, so the outer
+    one's peak is carried across it.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.records: list[dict[str, Any]] = []
+        self._open: list[list[float]] = []  # per open stage: [peak allocated, peak reserved] seen so far
+
+    def _peaks(self) -> list[float]:
+        return [torch.cuda.max_memory_allocated(self.device) / 2**30, torch.cuda.max_memory_reserved(self.device) / 2**30]
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
+            if self._open:
+                self._open[-1] = [max(a, b) for a, b in zip(self._open[-1], self._peaks())]
             torch.cuda.reset_peak_memory_stats(self.device)
+        self._open.append([0.0, 0.0])
         t0 = time.perf_counter()
-        yield
-        if cuda:
-            torch.cuda.synchronize(self.device)
-        rec: dict[str, Any] = {"stage": name, "seconds": round(time.perf_counter() - t0, 3)}
-        if cuda:
-            rec["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
-            rec["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3)
-            rec["allocated_after_gib"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 3)
-        self.records.append(rec)
+        try:
+            yield
+        finally:
+            carried = self._open.pop()
+            rec: dict[str, Any] = {"stage": name, "seconds": round(time.perf_counter() - t0, 3)}
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                alloc, reserved = (max(a, b) for a, b in zip(carried, self._peaks()))
+                rec["peak_allocated_gib"] = round(alloc, 3)
+                rec["peak_reserved_gib"] = round(reserved, 3)
+                rec["allocated_after_gib"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 3)
+                if self._open:  # the outer stage's peak includes this one
+                    self._open[-1] = [max(a, b) for a, b in zip(self._open[-1], (alloc, reserved))]
+            self.records.append(rec)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.records, indent=2) + "\n", encoding="utf-8")
@@ -42,8 +58,10 @@ class Stages:
     def table(self) -> str:
         lines = [f"{'stage':<28} {'seconds':>8} {'peak alloc GiB':>15} {'peak reserved GiB':>18}"]
         for r in self.records:
-            lines.append(f"{r['stage']:<28} {r['seconds']:>8.2f} {r.get('peak_allocated_gib', 0):>15.2f} "
-                         f"{r.get('peak_reserved_gib', 0):>18.2f}")  # fmt: skip
+            lines.append(
+                f"{r['stage']:<28} {r['seconds']:>8.2f} {r.get('peak_allocated_gib', 0):>15.2f} "
+                f"{r.get('peak_reserved_gib', 0):>18.2f}"
+            )
         return "\n".join(lines)
 
 
@@ -53,8 +71,11 @@ class MetricsFile:
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
         if path.exists():  # drop lines from beyond the resume point, so the file tells one story
-            keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]  # fmt: skip
+            keep = [
+                ln
+                for ln in path.read_text(encoding="utf-8").splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
             path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -65,8 +65,14 @@ def _versions() -> dict[str, str]:
     import peft
     import transformers
 
-    return {"sd3booth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__}  # fmt: skip
+    return {
+        "sd3booth": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+    }
 
 
 def write_settings(cfg: TrainConfig, out: Path) -> None:
@@ -116,20 +122,30 @@ def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     name = cfg.optimizer_name
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay,
-                                 eps=cfg.adam_epsilon)  # fmt: skip
+        return torch.optim.AdamW(
+            params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
+        )
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise UserError("--optimizer adamw8bit needs bitsandbytes; pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay,
-                                   eps=cfg.adam_epsilon)  # fmt: skip
+        return bnb.optim.AdamW8bit(
+            params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
+        )
     from prodigyopt import Prodigy
 
-    return Prodigy(params, lr=cfg.learning_rate, betas=betas, beta3=cfg.prodigy_beta3, weight_decay=cfg.adam_weight_decay,
-                   eps=cfg.adam_epsilon, decouple=cfg.prodigy_decouple, use_bias_correction=cfg.prodigy_use_bias_correction,
-                   safeguard_warmup=cfg.prodigy_safeguard_warmup)  # fmt: skip
+    return Prodigy(
+        params,
+        lr=cfg.learning_rate,
+        betas=betas,
+        beta3=cfg.prodigy_beta3,
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+        decouple=cfg.prodigy_decouple,
+        use_bias_correction=cfg.prodigy_use_bias_correction,
+        safeguard_warmup=cfg.prodigy_safeguard_warmup,
+    )
 
 
 def _crop(z: torch.Tensor, size: int, center: bool) -> torch.Tensor:
@@ -168,9 +184,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     )
     accelerator = Accelerator(
-        mixed_precision=mp, log_with=None if cfg.report_to == "none" else cfg.report_to,
+        mixed_precision=mp,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
-    )  # fmt: skip
+    )
     main = accelerator.is_main_process
     say = log if main else (lambda _msg: None)
     place = models.plan_placement(accelerator.device, mp, cfg.t5_precision)
@@ -208,8 +225,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     optimizer = _make_optimizer(cfg, params)
     for g in optimizer.param_groups:
         g["lr"] = lr
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)  # fmt: skip
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=max_steps,
+        num_cycles=cfg.lr_num_cycles,
+        power=cfg.lr_power,
+    )
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     scheduler = models.load_scheduler(prep.src)
     train_sigmas = scheduler.sigmas.to(place.device)
@@ -255,14 +278,20 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
 
     def micro_loss(m: int) -> torch.Tensor:
         x0, prompt_embeds, pooled = make_batch(m)
-        idx = flow.sample_indices(cfg.weighting_scheme, x0.shape[0], cfg.logit_mean, cfg.logit_std, cfg.mode_scale,
-                                  num_train_timesteps).to(place.device)  # fmt: skip
+        idx = flow.sample_indices(
+            cfg.weighting_scheme, x0.shape[0], cfg.logit_mean, cfg.logit_std, cfg.mode_scale, num_train_timesteps
+        ).to(place.device)
         sigma, timesteps = flow.sigmas_and_timesteps(idx, train_sigmas, train_timesteps, x0.ndim)
         noise = torch.randn_like(x0)
         x_t = flow.noisy_latents(x0, noise, sigma)
         with accelerator.autocast():
-            out_ = transformer(hidden_states=x_t.to(place.weight_dtype), timestep=timesteps,
-                               encoder_hidden_states=prompt_embeds, pooled_projections=pooled, return_dict=False)[0]  # fmt: skip
+            out_ = transformer(
+                hidden_states=x_t.to(place.weight_dtype),
+                timestep=timesteps,
+                encoder_hidden_states=prompt_embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
         pred = flow.prediction(out_.float(), x_t, sigma, bool(cfg.precondition_outputs))
         tgt = flow.target(x0, noise, bool(cfg.precondition_outputs))
         per_sample = flow.per_sample_loss(pred, tgt, flow.loss_weighting(cfg.weighting_scheme, sigma))
@@ -281,9 +310,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             net.eval()
             pipe = sample.make_pipeline(net, vae, models.load_scheduler(prep.src))
             autocast = place.weight_dtype if place.weight_dtype != torch.float32 else None
-            images = sample.generate(pipe, text[prep.validation_key], text[prep.negative_key], cfg.num_validation_images,
-                                     seed, cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale, place.device,
-                                     autocast_dtype=autocast)  # fmt: skip
+            images = sample.generate(
+                pipe,
+                text[prep.validation_key],
+                text[prep.negative_key],
+                cfg.num_validation_images,
+                seed,
+                cfg.resolution,
+                cfg.num_inference_steps,
+                cfg.guidance_scale,
+                place.device,
+                autocast_dtype=autocast,
+            )
             folder = out / "validation" / f"step-{step}"
             sample.save_images(images, folder)
             validation_dirs.append(folder)
@@ -301,9 +339,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         return (step * accum) // order.batches_per_epoch
 
     # 4. the loop
-    say(f"training {max_steps} steps: {len(prep.instances)} images x {cfg.repeats} repeats, batch "
+    say(
+        f"training {max_steps} steps: {len(prep.instances)} images x {cfg.repeats} repeats, batch "
         f"{cfg.train_batch_size} x {accum} accumulation x {accelerator.num_processes} process(es), "
-        f"{sum(p.numel() for p in params):,} LoRA parameters, {place.mixed_precision} mixed precision")  # fmt: skip
+        f"{sum(p.numel() for p in params):,} LoRA parameters, {place.mixed_precision} mixed precision"
+    )
     transformer.train()
     bar = tqdm(total=max_steps, initial=start, desc="train", unit="step", disable=not main, dynamic_ncols=True)
     loss_acc, loss_n, last_loss = torch.zeros((), device=place.device), 0, None
@@ -331,21 +371,36 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
                 dt = (time.perf_counter() - t_log) / loss_n
                 step_times.append(dt)
                 peak = models.peak_memory_gib(place.device)
-                record = {"step": step, "loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "s_per_step": dt,
-                          "peak_gpu_gib": peak, "epoch": completed_epochs(step)}  # fmt: skip
+                record = {
+                    "step": step,
+                    "loss": last_loss,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "s_per_step": dt,
+                    "peak_gpu_gib": peak,
+                    "epoch": completed_epochs(step),
+                }
                 bar.set_postfix(loss=f"{last_loss:.4f}", peak=f"{peak:.2f}GiB" if peak else "-", refresh=False)
                 if main:
                     metrics.write(record)
-                    accelerator.log({"loss": last_loss, "lr": record["lr"], "s_per_step": dt, "peak_gpu_gib": peak},
-                                    step=step)  # fmt: skip
+                    accelerator.log(
+                        {"loss": last_loss, "lr": record["lr"], "s_per_step": dt, "peak_gpu_gib": peak}, step=step
+                    )
                 loss_acc.zero_()
                 loss_n, t_log = 0, time.perf_counter()
+            t_pause = time.perf_counter()  # checkpoints and validation do not count as step time
             if step % cfg.checkpointing_steps == 0 and main:
                 _save_checkpoint(cfg, accelerator, transformer, optimizer, lr_scheduler, ckpt_root, step, out)
-            due = (step % cfg.validation_steps == 0) if cfg.validation_steps else (
-                completed_epochs(step) > completed_epochs(step - 1) and completed_epochs(step) % cfg.validation_epochs == 0)  # fmt: skip
+            due = (
+                (step % cfg.validation_steps == 0)
+                if cfg.validation_steps
+                else (
+                    completed_epochs(step) > completed_epochs(step - 1)
+                    and completed_epochs(step) % cfg.validation_epochs == 0
+                )
+            )
             if due and step < max_steps:
                 validate(step)
+            t_log += time.perf_counter() - t_pause
     bar.close()
 
     # 5. artefacts
@@ -369,12 +424,30 @@ def _tensorboard(accelerator: Any) -> Any:
     return None
 
 
-def _save_checkpoint(cfg: TrainConfig, accelerator: Any, transformer: Any, optimizer: Any, lr_scheduler: Any,
-                     root: Path, step: int, out: Path) -> None:  # fmt: skip
+def _save_checkpoint(
+    cfg: TrainConfig,
+    accelerator: Any,
+    transformer: Any,
+    optimizer: Any,
+    lr_scheduler: Any,
+    root: Path,
+    step: int,
+    out: Path,
+) -> None:
     net = accelerator.unwrap_model(transformer)
-    state = {"optimizer": optimizer.optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}  # fmt: skip
+    state = {
+        "optimizer": optimizer.optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+    }
     with tempfile.TemporaryDirectory(dir=out, prefix=".ckpt-lora-") as tmp:
         exported = lora.save_lora(net, Path(tmp), cfg.rank, cfg.alpha)
-        checkpoint.save(root, step, lora.lora_state(net), state, {"settings": cfg.to_dict()},
-                        extra_files={lora.LORA_FILE: exported}, total_limit=cfg.checkpoints_total_limit)  # fmt: skip
+        checkpoint.save(
+            root,
+            step,
+            lora.lora_state(net),
+            state,
+            {"settings": cfg.to_dict()},
+            extra_files={lora.LORA_FILE: exported},
+            total_limit=cfg.checkpoints_total_limit,
+        )
