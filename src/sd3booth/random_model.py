@@ -248,7 +248,7 @@ def write_random_model(out_dir: str | Path, arch: str = "tiny", seed: int = 0, d
     def build(make: Any, folder: str) -> None:
         with torch.device(dev):
             model = make()
-        model.to(dtype)
+        model.to(device="cpu", dtype=dtype)
         _save(model, out / folder)
         del model
         gc.collect()
