@@ -25,7 +25,9 @@ def test_text_embeddings_equal_pipeline_encode_prompt(tiny_model, tmp_path, plac
     emb = cache_text.load_text_embeddings(keys.values(), tmp_path, torch.float32)
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model)
     for c in captions:
-        pe, _, pooled, _ = pipe.encode_prompt(c, c, c, device=CPU, do_classifier_free_guidance=False, max_sequence_length=77)
+        pe, _, pooled, _ = pipe.encode_prompt(
+            c, c, c, device=CPU, do_classifier_free_guidance=False, max_sequence_length=77
+        )
         torch.testing.assert_close(emb[keys[c]].prompt_embeds, pe[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(emb[keys[c]].pooled, pooled[0], rtol=1e-5, atol=1e-5)
     assert emb[keys[captions[0]]].prompt_embeds.shape == (77 + 77, 64)
@@ -46,7 +48,9 @@ def test_each_distinct_caption_is_encoded_once(tiny_model, tmp_path, place, monk
     monkeypatch.setattr(models, "load_text_encoder", lambda s, i, p: loads.append(i) or real(s, i, p))
     encoded = []
     real_clip = cache_text._clip_embed
-    monkeypatch.setattr(cache_text, "_clip_embed", lambda t, e, caps, d: encoded.extend(caps) or real_clip(t, e, caps, d))
+    monkeypatch.setattr(
+        cache_text, "_clip_embed", lambda t, e, caps, d: encoded.extend(caps) or real_clip(t, e, caps, d)
+    )
     cache_text.ensure_text_embeddings(["a", "b", "a", "b", "a"], src, place, tmp_path, 77, log=lambda m: None)
     assert loads == [1, 2, 3]  # one at a time, in order
     assert sorted(encoded) == ["a", "a", "b", "b"]  # each caption once per CLIP encoder

@@ -15,8 +15,22 @@ from safetensors.torch import load_file
 from sd3booth.cli import main
 from sd3booth.data import write_demo_like_dataset
 
-FAST = ["--resolution", "64", "--num_inference_steps", "2", "--report_to", "none", "--seed", "0", "--rank", "4",
-        "--learning_rate", "1e-3", "--lr_warmup_steps", "0"]  # fmt: skip
+FAST = [
+    "--resolution",
+    "64",
+    "--num_inference_steps",
+    "2",
+    "--report_to",
+    "none",
+    "--seed",
+    "0",
+    "--rank",
+    "4",
+    "--learning_rate",
+    "1e-3",
+    "--lr_warmup_steps",
+    "0",
+]
 
 
 def mixed_caption_dataset(root: Path) -> Path:
@@ -38,12 +52,44 @@ def pipe_images(pipe) -> torch.Tensor:
 def test_cli_train_prior_validation_checkpoint_resume_then_load_and_generate(tiny_model, tmp_path):
     data = mixed_caption_dataset(tmp_path / "photos")
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "sd3booth", "train", "--pretrained_model_name_or_path", str(tiny_model),
-            "--instance_data_dir", str(data), "--instance_prompt", "a photo of sks toy", "--output_dir", str(out),
-            "--train_batch_size", "2", "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"),
-            "--class_prompt", "a photo of a toy", "--num_class_images", "3", "--validation_prompt", "sks toy",
-            "--num_validation_images", "2", "--validation_steps", "3", "--checkpointing_steps", "3",
-            "--checkpoints_total_limit", "2", "--random_flip", "--report_to", "tensorboard", *FAST[2:4], *FAST[6:]]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "sd3booth",
+        "train",
+        "--pretrained_model_name_or_path",
+        str(tiny_model),
+        "--instance_data_dir",
+        str(data),
+        "--instance_prompt",
+        "a photo of sks toy",
+        "--output_dir",
+        str(out),
+        "--train_batch_size",
+        "2",
+        "--with_prior_preservation",
+        "--class_data_dir",
+        str(tmp_path / "class"),
+        "--class_prompt",
+        "a photo of a toy",
+        "--num_class_images",
+        "3",
+        "--validation_prompt",
+        "sks toy",
+        "--num_validation_images",
+        "2",
+        "--validation_steps",
+        "3",
+        "--checkpointing_steps",
+        "3",
+        "--checkpoints_total_limit",
+        "2",
+        "--random_flip",
+        "--report_to",
+        "tensorboard",
+        *FAST[2:4],
+        *FAST[6:],
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = subprocess.run([*args, "--max_train_steps", "6"], capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -62,8 +108,13 @@ def test_cli_train_prior_validation_checkpoint_resume_then_load_and_generate(tin
     assert settings["rank"] == 4 and settings["with_prior_preservation"] is True
 
     # resume to 9 steps: continues at 6, keeps the limit of 2 checkpoints, encodes nothing again
-    second = subprocess.run([*args, "--max_train_steps", "9", "--resume_from_checkpoint", "latest"],
-                            capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    second = subprocess.run(
+        [*args, "--max_train_steps", "9", "--resume_from_checkpoint", "latest"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout + second.stderr and "encoding" not in second.stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-6", "checkpoint-9"]
@@ -83,16 +134,46 @@ def test_cli_train_prior_validation_checkpoint_resume_then_load_and_generate(tin
     assert (pipe_images(pipe) - base).abs().max() > 1e-3
 
     # generate through the CLI, base model taken from settings.json beside the LoRA
-    gen = subprocess.run([sys.executable, "-m", "sd3booth", "generate", "--lora", str(lora_file), "--prompt", "sks toy",
-                          "--num_images", "2", "--num_inference_steps", "2", "--output_dir", str(tmp_path / "gen")],
-                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sd3booth",
+            "generate",
+            "--lora",
+            str(lora_file),
+            "--prompt",
+            "sks toy",
+            "--num_images",
+            "2",
+            "--num_inference_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path / "gen"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "gen").glob("*.png")) == ["image-000.png", "image-001.png"]
 
 
 def _train(tiny_model, data, out, *extra):
-    args = ["train", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(data),
-            "--output_dir", str(out), "--cache_dir", str(out.parent / "cache"), *FAST, *extra]  # fmt: skip
+    args = [
+        "train",
+        "--pretrained_model_name_or_path",
+        str(tiny_model),
+        "--instance_data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--cache_dir",
+        str(out.parent / "cache"),
+        *FAST,
+        *extra,
+    ]
     assert main(args) == 0
 
 
@@ -101,16 +182,35 @@ def test_resume_is_bit_identical_on_cpu(tiny_model, tmp_path, variant):
     """N steps straight == k steps + resume to N: same LoRA bits (data order, noise, dropout, optimizer, LR)."""
     data = tmp_path / "photos"
     write_demo_like_dataset(data, n=4, size=80)
-    common = ["--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--random_flip", "--lora_dropout",
-              "0.1", "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt",
-              "a toy", "--num_class_images", "2", "--checkpointing_steps", "3", "--max_grad_norm", "0.5"]  # fmt: skip
+    common = [
+        "--train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--random_flip",
+        "--lora_dropout",
+        "0.1",
+        "--with_prior_preservation",
+        "--class_data_dir",
+        str(tmp_path / "class"),
+        "--class_prompt",
+        "a toy",
+        "--num_class_images",
+        "2",
+        "--checkpointing_steps",
+        "3",
+        "--max_grad_norm",
+        "0.5",
+    ]
     sched = ["--lr_scheduler", "cosine"] if variant == "interrupted" else ["--lr_scheduler", "constant"]
     _train(tiny_model, data, tmp_path / "straight", *common, *sched, "--max_train_steps", "6")
     resumed = tmp_path / "resumed"
     if variant == "interrupted":  # a run killed after checkpoint-3, then the same command with --resume
         resumed.mkdir()
         shutil.copy(tmp_path / "straight" / "settings.json", resumed / "settings.json")
-        shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+        shutil.copytree(
+            tmp_path / "straight" / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3"
+        )
     else:  # a finished 3-step run, extended to 6
         _train(tiny_model, data, resumed, *common, *sched, "--max_train_steps", "3")
     _train(tiny_model, data, resumed, *common, *sched, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
@@ -125,8 +225,20 @@ def test_resume_is_bit_identical_on_cpu(tiny_model, tmp_path, variant):
 def test_prepare_command_caches_everything_then_train_encodes_nothing(tiny_model, tmp_path, capsys):
     data = tmp_path / "photos"
     write_demo_like_dataset(data, n=2, size=64)
-    base = ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(data), "--output_dir",
-            str(tmp_path / "out"), "--train_batch_size", "1", "--max_train_steps", "1", "--center_crop", *FAST]  # fmt: skip
+    base = [
+        "--pretrained_model_name_or_path",
+        str(tiny_model),
+        "--instance_data_dir",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--train_batch_size",
+        "1",
+        "--max_train_steps",
+        "1",
+        "--center_crop",
+        *FAST,
+    ]
     assert main(["prepare", *base]) == 0
     assert "encoding" in capsys.readouterr().out
     assert len(list((tmp_path / "out" / "cache" / "text").glob("*.safetensors"))) == 3  # 2 captions + negative
@@ -142,3 +254,29 @@ def test_demo_runs_and_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert lora_path.is_file() and "sd3booth demo: done" in out
     assert len(list((tmp_path / "demo" / "run" / "validation").rglob("*.png"))) >= 2
+
+
+def test_dataset_name_accepts_a_local_imagefolder(tiny_model, tmp_path):
+    data = tmp_path / "folder_dataset"
+    write_demo_like_dataset(data, n=2, size=64)
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "train",
+                "--pretrained_model_name_or_path",
+                str(tiny_model),
+                "--dataset_name",
+                str(data),
+                "--output_dir",
+                str(out),
+                "--train_batch_size",
+                "1",
+                "--max_train_steps",
+                "1",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

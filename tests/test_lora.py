@@ -48,9 +48,7 @@ def test_blocks_and_layers_restrict_targets(tiny_model):
     targets = lora.resolve_targets(net, ["attn.to_q", "attn.to_v"], [1])
     lora.add_lora(net, 2, 2, 0.0, targets)
     names = set(get_peft_model_state_dict(net))
-    assert names == {
-        f"transformer_blocks.1.attn.{p}.lora_{ab}.weight" for p in ("to_q", "to_v") for ab in ("A", "B")
-    }
+    assert names == {f"transformer_blocks.1.attn.{p}.lora_{ab}.weight" for p in ("to_q", "to_v") for ab in ("A", "B")}
 
 
 @pytest.mark.parametrize(("layers", "blocks"), [(["attn.to_qq"], None), (["attn.to_q"], [7])])

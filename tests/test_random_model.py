@@ -23,8 +23,12 @@ def test_true_size_transformers(arch, billions):
 def test_true_size_text_encoders():
     a = get_arch("sd3-medium")
     special = dict(max_position_embeddings=77)
-    assert _count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**a.clip_l, **special))) == pytest.approx(0.124, abs=0.002)
-    assert _count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**a.clip_g, **special))) == pytest.approx(0.695, abs=0.002)
+    assert _count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**a.clip_l, **special))) == pytest.approx(
+        0.124, abs=0.002
+    )
+    assert _count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**a.clip_g, **special))) == pytest.approx(
+        0.695, abs=0.002
+    )
     assert _count(lambda: T5EncoderModel(T5Config(**a.t5))) == pytest.approx(4.76, abs=0.01)
 
 

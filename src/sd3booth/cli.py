@@ -93,7 +93,8 @@ def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
     from sd3booth import train
 
     result = train.train(cfg)
-    print(f"LoRA: {result.lora_path}")
+    if result.lora_path is not None:  # None on the non-main processes of a multi-GPU run
+        print(f"LoRA: {result.lora_path}")
     return 0
 
 

@@ -25,7 +25,10 @@ class Stages:
         self._open: list[list[float]] = []  # per open stage: [peak allocated, peak reserved] seen so far
 
     def _peaks(self) -> list[float]:
-        return [torch.cuda.max_memory_allocated(self.device) / 2**30, torch.cuda.max_memory_reserved(self.device) / 2**30]
+        return [
+            torch.cuda.max_memory_allocated(self.device) / 2**30,
+            torch.cuda.max_memory_reserved(self.device) / 2**30,
+        ]
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

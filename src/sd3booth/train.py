@@ -51,6 +51,14 @@ def verify(cfg: TrainConfig) -> None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; choose a folder")
+    if cfg.report_to in ("tensorboard", "wandb"):
+        import importlib.util
+
+        if importlib.util.find_spec(cfg.report_to) is None:
+            raise UserError(
+                f"--report_to {cfg.report_to} needs the '{cfg.report_to}' package; pip install "
+                f"{cfg.report_to}, or pass --report_to none (metrics.jsonl is always written)"
+            )
     settings = out / SETTINGS_FILE
     if settings.is_file() and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
         raise UserError(
