@@ -1,0 +1,190 @@
+"""Block swapping: frozen base weights of some transformer blocks live in pinned CPU memory.
+
+Why our own: diffusers' group offloading points parameters back at a CPU snapshot and silently drops LoRA
+updates in training (sd3-facts §5); accelerate's hooks move every parameter, LoRA included. Here only the
+frozen ``nn.Linear`` weights and biases of the chosen blocks move (LoRA weights and small norm weights stay
+on the device), copied in on a side CUDA stream one block ahead of use, in the order the blocks run: forward
+0..N-1, then, with gradient checkpointing, the backward recompute N-1..0.
+
+Correctness never depends on the prefetch guess: a block whose weights were not prefetched is fetched
+synchronously (counted in ``stats``). Autograd keeps the weight views it saved alive until it is done with
+them, so releasing a block after its forward is safe; with gradient checkpointing nothing of a block is
+saved in the forward, which is what makes the memory saving real (the planner only swaps with it on).
+PyTorch's non-reentrant checkpoint stops a recompute as soon as it has what backward needs, so a block's
+forward hook may never fire there: a block is therefore also released when the next one starts.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SwapStats:
+    prefetched: int = 0  # blocks whose weights were ready (or in flight) when the block ran
+    synchronous: int = 0  # blocks fetched on demand (a wrong guess, or the first block)
+    bytes_copied: int = 0
+    calls: list[int] = field(default_factory=list)  # block indices in call order (tests read it)
+
+
+@dataclass
+class _Slot:
+    module: nn.Module
+    name: str
+    host: torch.Tensor
+
+
+class BlockSwapper:
+    """Streams the frozen Linear weights of ``swapped`` blocks between pinned host memory and ``device``."""
+
+    def __init__(self, blocks: Sequence[nn.Module], swapped: Iterable[int], device: torch.device | str,
+                 record_calls: bool = False) -> None:  # fmt: skip
+        self.blocks = list(blocks)
+        self.swapped = sorted(set(swapped))
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.slots: dict[int, list[_Slot]] = {}
+        self.ready: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+        self.stats = SwapStats()
+        self.record_calls = record_calls
+        self._last: int | None = None
+        self._direction = 1
+        self._next: int | None = None
+        self.resident: set[int] = set()
+        self._handles = []
+        for i in self.swapped:
+            slots = []
+            for mod in self.blocks[i].modules():
+                if not isinstance(mod, nn.Linear):
+                    continue
+                for name in ("weight", "bias"):
+                    p = getattr(mod, name, None)
+                    if p is None or p.requires_grad:
+                        continue  # trainable (LoRA) weights stay where the optimizer expects them
+                    if type(p) is not nn.Parameter:
+                        raise ValueError(f"block swap cannot move {type(p).__name__} weights (quantised base?)")
+                    host = p.detach().to("cpu", copy=True)
+                    slots.append(_Slot(mod, name, host.pin_memory() if self.cuda else host))
+                    p.data = self._placeholder(p)
+            self.slots[i] = slots
+            block = self.blocks[i]
+            self._handles.append(block.register_forward_pre_hook(functools.partial(self._before, i)))
+            self._handles.append(block.register_forward_hook(functools.partial(self._after, i)))
+
+    # ---- public -------------------------------------------------------------------------------------------
+
+    def resident_bytes_saved(self) -> int:
+        return sum(s.host.numel() * s.host.element_size() for slots in self.slots.values() for s in slots)
+
+    def remove(self) -> None:
+        """Puts every weight back on the device and removes the hooks."""
+        for h in self._handles:
+            h.remove()
+        for slots in self.slots.values():
+            for s in slots:
+                getattr(s.module, s.name).data = s.host.to(self.device)
+        self.slots.clear()
+        self.resident.clear()
+        self.ready.clear()
+
+    # ---- mechanics ------------------------------------------------------------------------------------------
+
+    def _placeholder(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.empty(0, dtype=p.dtype, device=self.device)
+
+    def _fetch(self, i: int) -> None:
+        if i in self.ready:
+            return
+        slots = self.slots[i]
+        if self.cuda:
+            assert self.stream is not None
+            with torch.cuda.stream(self.stream):
+                tensors = [s.host.to(self.device, non_blocking=True) for s in slots]
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        else:
+            tensors, event = [s.host.clone() for s in slots], None
+        self.stats.bytes_copied += sum(t.numel() * t.element_size() for t in tensors)
+        self.ready[i] = (tensors, event)
+
+    def _predict(self, i: int) -> int | None:
+        """The next swapped block expected to run after block i."""
+        n = len(self.blocks)
+        training = torch.is_grad_enabled()
+        pos, d = i, self._direction
+        for _ in range(2 * n):
+            if d == 1 and pos == n - 1:
+                d = -1 if training else 1  # checkpoint recompute runs backwards; sampling starts over
+                pos = n - 1 if training else 0
+            elif d == -1 and pos == 0:
+                d, pos = 1, 0  # the next step's forward
+            else:
+                pos += d
+            if pos in self.slots:
+                return pos
+        return None
+
+    def _before(self, i: int, module: nn.Module, args: tuple) -> None:
+        last, n = self._last, len(self.blocks)
+        if last is not None:
+            if i > last:
+                self._direction = 1
+            elif i < last:  # backward recompute, or (sampling) the next forward starting over
+                self._direction = 1 if i == 0 and not torch.is_grad_enabled() else -1
+            else:  # the same block twice: the turn at either end
+                self._direction = -1 if i == n - 1 and torch.is_grad_enabled() else 1
+        self._last = i
+        if self.record_calls:
+            self.stats.calls.append(i)
+        for j in [j for j in self.resident if j != i]:
+            self._release(j)  # the checkpoint recompute stops early and skips forward hooks: release here
+        if i in self.resident or i in self.ready:
+            self.stats.prefetched += 1
+        else:
+            self.stats.synchronous += 1
+            self._fetch(i)
+        if i not in self.resident:
+            tensors, event = self.ready.pop(i)
+            if event is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(event)
+                for t in tensors:
+                    t.record_stream(current)  # allocated on the side stream, used and freed on this one
+            for s, t in zip(self.slots[i], tensors):
+                getattr(s.module, s.name).data = t
+            self.resident.add(i)
+        self._next = self._predict(i)
+        if self._next is not None and self._next != i:
+            self._fetch(self._next)
+
+    def _after(self, i: int, module: nn.Module, args: tuple, output: object) -> None:
+        if self._next != i:  # at a turn the same block runs again next, so its weights stay
+            self._release(i)
+
+    def _release(self, i: int) -> None:
+        for s in self.slots[i]:
+            p = getattr(s.module, s.name)
+            p.data = self._placeholder(p)
+        self.resident.discard(i)
+
+
+def selective_checkpointing(checkpointed: Iterable[int], blocks: Sequence[nn.Module]):
+    """A ``gradient_checkpointing_func`` for diffusers that recomputes only the given blocks.
+
+    Full checkpointing costs about a third more arithmetic; checkpointing only as many blocks as memory
+    requires keeps most of that time (sd3-facts §4).
+    """
+    chosen = {id(blocks[i]) for i in checkpointed}
+
+    def run(module: nn.Module, *args):
+        if id(module) in chosen:
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+        return module(*args)
+
+    return run
