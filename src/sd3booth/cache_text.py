@@ -20,8 +20,6 @@ from sd3booth import models
 from sd3booth.models import ModelSource, Placement
 from sd3booth.store import TensorStore, content_key
 
-ENCODE_BATCH = 8
-
 
 @dataclass(frozen=True)
 class TextEmbedding:
@@ -79,7 +77,7 @@ def ensure_text_embeddings(
         for index, name in ((1, "CLIP-L"), (2, "CLIP-G")):
             with stage(f"text encoder {name}"):
                 tok, enc = models.load_text_encoder(src, index, place)
-                for chunk in _batches(todo, ENCODE_BATCH):
+                for chunk in _batches(todo, place.text_batch):
                     h, p = _clip_embed(tok, enc, chunk, place.device)
                     clip_states[index - 1].append(h)
                     pooled[index - 1].append(p)
@@ -94,7 +92,7 @@ def ensure_text_embeddings(
                 t5 = torch.cat(
                     [
                         _t5_embed(tok, enc, chunk, place.t5_device, max_sequence_length)
-                        for chunk in _batches(todo, ENCODE_BATCH)
+                        for chunk in _batches(todo, place.text_batch)
                     ]
                 )
                 models.free(enc)

@@ -22,7 +22,8 @@ WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-T5_PRECISIONS = ("bf16", "int8", "nf4", "cpu", "none")
+T5_PRECISIONS = ("auto", "bf16", "int8", "nf4", "stream", "cpu", "none")
+BASE_PRECISIONS = ("auto", "bf16", "fp8", "nf4")
 REPORTERS = ("tensorboard", "wandb", "none")
 # Attention projections of every joint block: the diffusers reference's default LoRA targets.
 DEFAULT_LORA_LAYERS = (
@@ -59,15 +60,46 @@ class TrainConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.", group="model")
     variant: str | None = _f(None, "Weight file variant of the base model, e.g. 'fp16'.", group="model")
     t5_precision: str = _f(
-        "bf16",
-        "How T5-XXL runs while captions are encoded: bf16 on the GPU, int8 or nf4 (bitsandbytes, GPU), "
-        "cpu (bf16 on the CPU, no GPU memory), or none (T5 skipped, zeros as the pipeline does without it).",
+        "auto",
+        "How T5-XXL runs while captions are encoded: bf16 on the GPU, int8 or nf4 (bitsandbytes, GPU), stream "
+        "(bf16 weights on the CPU, streamed to the GPU layer by layer), cpu (bf16 on the CPU, no GPU memory), or "
+        "none (T5 skipped, zeros as the pipeline does without it); auto lets the memory plan choose.",
         choices=T5_PRECISIONS,
         group="model",
     )
     max_sequence_length: int = _f(
         77, "T5 tokens per caption (the reference trains with 77; the pipeline uses 256).", group="model"
     )
+    # memory
+    max_vram: float | None = _f(
+        None,
+        "GPU memory budget in GiB for the whole run: the fastest settings predicted to fit are chosen and "
+        "printed before any model loads (default: 16, or the GPU's memory if smaller).",
+        group="memory",
+    )
+    base_precision: str = _f(
+        "auto",
+        "Storage of the frozen transformer: bf16, fp8 (compute in bf16; needs checkpointing) or nf4 "
+        "(bitsandbytes); auto lets the memory plan choose.",
+        choices=BASE_PRECISIONS,
+        group="memory",
+    )
+    blocks_to_swap: int | None = _f(
+        None,
+        "Transformer blocks whose frozen weights live in pinned CPU memory and are streamed in ahead of use "
+        "(default: the memory plan's choice).",
+        group="memory",
+    )
+    checkpoint_blocks: int | None = _f(
+        None,
+        "Blocks whose activations are recomputed in backward (default: the memory plan's choice; "
+        "--gradient_checkpointing means all).",
+        group="memory",
+    )
+    activation_offload: bool | None = _f(
+        None, "Keep saved activations in pinned CPU memory during the backward pass (default: plan).", group="memory"
+    )
+    vae_tiling: bool | None = _f(None, "Encode and decode images in tiles (default: plan).", group="memory")
     # data
     instance_data_dir: str | None = _f(
         None,
@@ -246,7 +278,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 raise TypeError
             return float(value)
         if kind.startswith("str"):
-            return str(value)
+            if name in ("lora_layers", "lora_blocks") and isinstance(value, list):
+                return ",".join(str(v) for v in value)
+            if not isinstance(value, str):
+                raise TypeError
+            return value.lower() if "choices" in f.metadata else value
     except (TypeError, ValueError):
         pass
     raise UserError(f"{source}: '{name}' should be {kind.split(' ')[0]}, got {value!r}; fix the value")
@@ -254,7 +290,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 def closest(name: str, known: list[str] | tuple[str, ...]) -> str:
     """'did you mean' text for an unknown name."""
-    matches = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    matches = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
     return f" (did you mean {', '.join(matches)}?)" if matches else ""
 
 
@@ -355,6 +391,17 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         bad("--checkpoints_total_limit must be at least 1")
+    if cfg.max_vram is not None and cfg.max_vram <= 0:
+        bad(f"--max_vram must be positive GiB, got {cfg.max_vram}")
+    if cfg.blocks_to_swap is not None and cfg.blocks_to_swap < 0:
+        bad("--blocks_to_swap must be 0 or more")
+    if cfg.checkpoint_blocks is not None and cfg.checkpoint_blocks < 0:
+        bad("--checkpoint_blocks must be 0 or more")
+    if cfg.base_precision == "nf4" and cfg.blocks_to_swap:
+        bad("--blocks_to_swap cannot move NF4 weights; use --base_precision bf16 or fp8 with block swap")
+    for name in ("lr_warmup_steps", "max_grad_norm", "prior_loss_weight", "adam_weight_decay"):
+        if getattr(cfg, name) < 0:
+            bad(f"--{name} must not be negative, got {getattr(cfg, name)}")
     if cfg.validation_steps is not None and cfg.validation_steps < 1:
         bad("--validation_steps must be at least 1")
     if cfg.validation_epochs < 1:

@@ -110,14 +110,21 @@ def resolve_model(name_or_path: str, revision: str | None = None, variant: str |
 
 @dataclass(frozen=True)
 class Placement:
-    """Where and in which precision each stage runs. One instance per run, built by :func:`plan_placement`."""
+    """Where and in which precision each stage runs: the one object every stage asks. Built by
+    :func:`plan_placement` from the device, the precision flags and the memory plan (``plan.Plan``)."""
 
     device: torch.device
-    weight_dtype: torch.dtype  # frozen transformer and VAE weights during training
+    weight_dtype: torch.dtype  # compute dtype of the frozen transformer (its storage too when base is bf16)
     mixed_precision: str  # "no" | "fp16" | "bf16" (autocast; LoRA params stay fp32)
     text_dtype: torch.dtype  # CLIP encoders
-    t5_precision: str  # bf16 | int8 | nf4 | cpu | none
+    t5_precision: str  # bf16 | int8 | nf4 | stream | cpu | none
     vae_dtype: torch.dtype
+    base: str = "bf16"  # transformer storage: bf16 (= weight_dtype) | fp8 | nf4
+    checkpoint_blocks: int = 0
+    swap_blocks: int = 0
+    activation_offload: bool = False
+    vae_tiling: bool = False
+    text_batch: int = 8
 
     @property
     def t5_device(self) -> torch.device:
@@ -130,25 +137,39 @@ def default_mixed_precision(device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def plan_placement(device: torch.device, mixed_precision: str | None, t5_precision: str) -> Placement:
-    """Decides every dtype from the device and the user's precision flags."""
+def plan_placement(device: torch.device, mixed_precision: str | None, t5_precision: str, plan: Any = None) -> Placement:
+    """Decides every dtype and placement from the device, the user's precision flags and the memory plan."""
     mp = mixed_precision or default_mixed_precision(device)
+    t5 = plan.t5 if plan is not None else ("bf16" if t5_precision == "auto" else t5_precision)
+    base = plan.base if plan is not None else "bf16"
     if device.type != "cuda":
-        if t5_precision in ("int8", "nf4"):
-            raise UserError(f"--t5_precision {t5_precision} needs a CUDA GPU (bitsandbytes); use bf16 or cpu")
+        if t5 in ("int8", "nf4") or base == "nf4":
+            raise UserError("NF4 and int8 weights need a CUDA GPU (bitsandbytes); use bf16 or cpu on this machine")
         if mp == "fp16":
             raise UserError("--mixed_precision fp16 needs a GPU; use no or bf16 on the CPU")
+        if t5 == "stream":
+            t5 = "cpu"  # nothing to stream to
     weight = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
-    # CLIP runs in the training precision (fp32 on CPU); the SD3 VAE overflows in fp16, so it stays fp32
-    # there (as the reference does) and bf16 otherwise.
+    # The SD3 VAE overflows in fp16, so it stays fp32 there (as the reference does) and bf16 otherwise.
     vae = torch.float32 if mp in ("no", "fp16") else torch.bfloat16
+    extra: dict[str, Any] = {}
+    if plan is not None:
+        extra = dict(
+            base=base,
+            checkpoint_blocks=plan.checkpoint_blocks,
+            swap_blocks=plan.swap_blocks,
+            activation_offload=plan.activation_offload,
+            vae_tiling=plan.vae_tiling,
+            text_batch=plan.text_batch,
+        )
     return Placement(
         device=device,
         weight_dtype=weight,
         mixed_precision=mp,
         text_dtype=weight,
-        t5_precision=t5_precision,
+        t5_precision=t5,
         vae_dtype=vae,
+        **extra,
     )
 
 
@@ -189,6 +210,12 @@ def load_text_encoder(src: ModelSource, index: int, place: Placement) -> tuple[A
             device_map={"": place.device},
             **kw,
         )
+    elif place.t5_precision == "stream":
+        from accelerate import cpu_offload
+
+        # bf16 weights stay in CPU memory; accelerate's hooks copy each layer in just before it runs.
+        model = T5EncoderModel.from_pretrained(src.root / "text_encoder_3", dtype=torch.bfloat16, **kw)
+        cpu_offload(model, execution_device=place.device)
     else:
         dtype = (
             torch.float32 if place.t5_device.type == "cpu" and place.weight_dtype == torch.float32 else torch.bfloat16
@@ -204,15 +231,77 @@ def load_vae(src: ModelSource, place: Placement) -> Any:
 
     kw: dict[str, Any] = {"variant": src.variant} if src.variant else {}
     vae = AutoencoderKL.from_pretrained(src.root / "vae", torch_dtype=place.vae_dtype, **kw)
+    if place.vae_tiling:
+        # half-size tiles: the config's own tile size is the full 1024 training size, which tiles nothing
+        vae.enable_tiling()
+        vae.tile_sample_min_size = vae.config.sample_size // 2
+        vae.tile_latent_min_size = vae.tile_sample_min_size // 8
     return vae.to(place.device).requires_grad_(False).eval()
 
 
-def load_transformer(src: ModelSource, place: Placement, device: torch.device | None = None) -> Any:
+def load_transformer(src: ModelSource, place: Placement) -> Any:
+    """The frozen transformer in the plan's storage: bf16/fp32 on the device, or NF4 via bitsandbytes.
+
+    fp8 storage is applied later by :func:`apply_fp8_storage`, after the LoRA is added, so the adapter's
+    own weights are never cast. Blocks to be swapped stay on the host, so they never touch the GPU.
+    """
     from diffusers import SD3Transformer2DModel
 
     kw: dict[str, Any] = {"variant": src.variant} if src.variant else {}
+    if place.base == "nf4" and place.device.type == "cuda":
+        from diffusers import BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=place.weight_dtype)
+        model = SD3Transformer2DModel.from_pretrained(
+            src.root / "transformer",
+            torch_dtype=place.weight_dtype,
+            quantization_config=q,
+            device_map=str(place.device),
+            **kw,
+        )
+        return model.requires_grad_(False)
     model = SD3Transformer2DModel.from_pretrained(src.root / "transformer", torch_dtype=place.weight_dtype, **kw)
-    return model.to(device or place.device).requires_grad_(False)
+    model.requires_grad_(False)
+    if not place.swap_blocks:
+        return model.to(place.device)
+    for i, block in enumerate(model.transformer_blocks):
+        if i >= place.swap_blocks:
+            block.to(place.device)
+    for name, child in model.named_children():
+        if name != "transformer_blocks":
+            child.to(place.device)
+    return model
+
+
+def apply_fp8_storage(model: Any, place: Placement) -> None:
+    """fp8 (e4m3) storage of the transformer's Linear weights, computed in the training dtype.
+
+    diffusers' default skip list matches the AdaLN ``norm*.linear`` layers (a third of the model); this one
+    skips only embeddings, the output layers and the LoRA adapters (sd3-facts §5).
+    """
+    if place.base != "fp8":
+        return
+    skip = ("pos_embed", "patch_embed", "context_embedder", "time_text_embed", "norm_out", "proj_out", "lora_")
+    model.enable_layerwise_casting(
+        storage_dtype=torch.float8_e4m3fn, compute_dtype=place.weight_dtype, skip_modules_pattern=skip
+    )
+
+
+def attach_memory_savers(model: Any, place: Placement) -> Any:
+    """Block swap and (selective) gradient checkpointing as the plan says; returns the swapper or None.
+
+    The first ``checkpoint_blocks`` blocks are recomputed; swapped blocks are the first ``swap_blocks``, so
+    every swapped block is also recomputed (autograd then holds none of its weights across the step).
+    """
+    from sd3booth.offload import BlockSwapper, selective_checkpointing
+
+    blocks = model.transformer_blocks
+    if place.checkpoint_blocks:
+        chosen = range(min(place.checkpoint_blocks, len(blocks)))
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=selective_checkpointing(chosen, blocks))
+    if place.swap_blocks:
+        return BlockSwapper(blocks, range(min(place.swap_blocks, len(blocks))), place.device)
+    return None
 
 
 def load_scheduler(src: ModelSource) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -38,7 +39,19 @@ class Prepared:
     warnings: list[str] = field(default_factory=list)
 
 
-def scan_data(cfg: TrainConfig, log: Callable[[str], None]) -> list[data.Example]:
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Skipped-file warnings go to stderr once per process (the data is scanned by verify, then again)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(message, file=sys.stderr)
+
+
+def scan_data(
+    cfg: TrainConfig, log: Callable[[str], None], warn: Callable[[str], None] | None = None
+) -> list[data.Example]:
     """Instance examples from --instance_data_dir or --dataset_name (a local folder, or a hub dataset)."""
     root = Path(cfg.data_dir or "")
     if cfg.dataset_name and not root.exists():
@@ -48,12 +61,12 @@ def scan_data(cfg: TrainConfig, log: Callable[[str], None]) -> list[data.Example
         caption_column=cfg.caption_column,
         image_column=cfg.image_column or "file_name",
         instance_prompt=cfg.instance_prompt,
-        warn=log,
+        warn=warn or _warn_once,
     )
-    if len(examples) < cfg.train_batch_size:
+    if len(examples) * cfg.repeats < cfg.train_batch_size:
         raise UserError(
-            f"{root} has {len(examples)} usable image(s), fewer than one batch (--train_batch_size "
-            f"{cfg.train_batch_size}); add images or lower --train_batch_size"
+            f"{root} has {len(examples)} usable image(s) x --repeats {cfg.repeats}, fewer than one batch "
+            f"(--train_batch_size {cfg.train_batch_size}); add images, raise --repeats or lower --train_batch_size"
         )
     return examples
 

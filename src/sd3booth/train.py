@@ -23,7 +23,8 @@ import torch
 from sd3booth import __version__, cache_latents, cache_text, checkpoint, flow, lora, models, sample
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
-from sd3booth.prepare import Prepared, prepare
+from sd3booth.plan import plan_for_config
+from sd3booth.prepare import Prepared, prepare, scan_data
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
 
 SETTINGS_FILE = "settings.json"
@@ -43,14 +44,28 @@ class RunResult:
 # ---- settings checks that fail in seconds, before any model loads ---------------------------------------
 
 
+def _writable_folder(path: Path, flag: str) -> None:
+    """The folder may not exist yet, but nothing on its way may be a file."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"{flag} {path}: {p} is a file, not a folder; choose another path")
+            return
+
+
 def verify(cfg: TrainConfig) -> None:
-    """Model folder, data folder and output folder checks; raises UserError, writes nothing."""
-    models.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    """Every check of the settings and inputs that needs no model weights; raises UserError, writes nothing.
+
+    It runs before anything is created or changed, so a mistake costs seconds and no saved file.
+    """
+    src = models.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
     if cfg.instance_data_dir and not Path(cfg.instance_data_dir).is_dir():
         raise UserError(f"--instance_data_dir {cfg.instance_data_dir} is not a folder; pass the folder of your photos")
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file; choose a folder")
+    _writable_folder(out, "--output_dir")
+    _writable_folder(cfg.cache_path, "--cache_dir")
+    if cfg.with_prior_preservation:
+        _writable_folder(Path(cfg.class_data_dir or ""), "--class_data_dir")
     if cfg.report_to in ("tensorboard", "wandb"):
         import importlib.util
 
@@ -65,6 +80,16 @@ def verify(cfg: TrainConfig) -> None:
             f"--output_dir {out} holds another run ({SETTINGS_FILE}); continue it with --resume_from_checkpoint "
             "latest, replace it with --overwrite_output_dir (the cache is kept), or choose another folder"
         )
+    if cfg.resume_from_checkpoint:
+        checkpoint.find(out / "checkpoints", cfg.resume_from_checkpoint)
+    if Path(cfg.data_dir or "").is_dir():
+        scan_data(cfg, log=lambda m: None)  # data errors now, not after the text encoders ran
+    # LoRA targets against the architecture, built on the meta device (no memory, no weights)
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        skeleton = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(src.root / "transformer"))
+    lora.resolve_targets(skeleton, cfg.target_layers, cfg.target_blocks)
 
 
 def _versions() -> dict[str, str]:
@@ -182,10 +207,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     resume_path = checkpoint.find(ckpt_root, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
     if cfg.resume_from_checkpoint and resume_path is None:
         log(f"no checkpoint under {ckpt_root}; starting a new run")
-    if cfg.overwrite_output_dir and not resume_path:
-        for stale in ("checkpoints", "validation", "metrics.jsonl"):  # the old run's; the cache stays
-            p = out / stale
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     seed = cfg.seed if cfg.seed is not None else 0
     mp = cfg.mixed_precision or models.default_mixed_precision(
@@ -198,16 +219,29 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     )
     main = accelerator.is_main_process
     say = log if main else (lambda _msg: None)
-    place = models.plan_placement(accelerator.device, mp, cfg.t5_precision)
+    device = accelerator.device
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    src = models.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    memory_plan, budget = plan_for_config(cfg, src.root, total)
+    if device.type == "cuda":
+        say(f"memory plan for {budget:.1f} GiB ({'--max_vram' if cfg.max_vram else 'default budget'}):")
+        say(memory_plan.describe())
+    place = models.plan_placement(device, mp, cfg.t5_precision, memory_plan)
     if cfg.allow_tf32 and place.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     stages = Stages(place.device)
     if main:
-        write_settings(cfg, out)
+        (out / "plan.json").write_text(json.dumps({"budget_gib": budget, **memory_plan.to_dict()}, indent=2) + "\n")
 
     # 1. caches (main process first; the others then find everything cached)
     with accelerator.main_process_first():
         prep: Prepared = prepare(cfg, place, say, stages.stage if main else (lambda n: contextlib.nullcontext()))
+    if main:  # the caches are complete: only now does this folder become this run's
+        if cfg.overwrite_output_dir and not resume_path:
+            for stale in ("checkpoints", "validation", "metrics.jsonl"):  # the old run's; the cache stays
+                p = out / stale
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        write_settings(cfg, out)
     text = cache_text.load_text_embeddings(prep.text_keys.values(), cfg.cache_path, place.weight_dtype)
     lat = cache_latents.load_latents(list(prep.latent_keys.values()), cfg.cache_path)
 
@@ -217,8 +251,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         transformer = models.load_transformer(prep.src, place)
         targets = lora.resolve_targets(transformer, cfg.target_layers, cfg.target_blocks)
         params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.lora_dropout, targets)
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        models.apply_fp8_storage(transformer, place)
+        swapper = models.attach_memory_savers(transformer, place)
     items = [i for i in range(len(prep.instances)) for _ in range(cfg.repeats)]
     order = DataOrder(len(items), len(prep.classes), cfg.train_batch_size, accelerator.num_processes, seed)
     if order.batches_per_epoch == 0:
@@ -292,7 +326,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         sigma, timesteps = flow.sigmas_and_timesteps(idx, train_sigmas, train_timesteps, x0.ndim)
         noise = torch.randn_like(x0)
         x_t = flow.noisy_latents(x0, noise, sigma)
-        with accelerator.autocast():
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=place.device.type == "cuda")
+        with accelerator.autocast(), offload if place.activation_offload else contextlib.nullcontext():
             out_ = transformer(
                 hidden_states=x_t.to(place.weight_dtype),
                 timestep=timesteps,
@@ -410,6 +445,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
                 validate(step)
             t_log += time.perf_counter() - t_pause
     bar.close()
+    if swapper is not None:
+        st = swapper.stats
+        say(
+            f"block swap: {st.bytes_copied / 2**30:.1f} GiB copied, {st.prefetched} blocks prefetched, "
+            f"{st.synchronous} fetched on demand"
+        )
 
     # 5. artefacts
     accelerator.wait_for_everyone()
