@@ -78,6 +78,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="tiny for tests and the demo; the others at true size. [default: tiny]",
     )
     p.add_argument("--seed", type=int, default=0, help="Seed of the random weights. [default: 0]")
+    p = subs["bench"] = sub.add_parser("bench", help="GPU memory and speed of every stage, beside the stock stack.")
+    p.add_argument(
+        "--arch",
+        default="sd3-medium",
+        choices=["sd3-medium", "sd3.5-medium", "sd3.5-large"],
+        help="Random true-size model to measure. [default: sd3-medium]",
+    )
+    p.add_argument("--model_dir", help="Use this model folder instead of writing a random one.")
+    p.add_argument("--output_dir", default="bench-out", help="Where results go. [default: bench-out]")
+    p.add_argument("--parts", default="stock,calibrate,budgets", help="Comma list of stock, calibrate, budgets.")
+    p.add_argument("--resolutions", default="1024,512", help="Training resolutions; budgets use the first.")
+    p.add_argument("--budgets", default="3,4,6,8,12,16,default", help="--max_vram values ('default': none).")
+    p.add_argument("--steps", type=int, default=10, help="Timed steps per measurement. [default: 10]")
     p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
     p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
     return root, subs
@@ -138,6 +151,23 @@ def _cmd_random_model(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(ns: argparse.Namespace) -> int:
+    from sd3booth.bench import run_bench
+
+    budgets = [None if b == "default" else float(b) for b in ns.budgets.split(",") if b]
+    run_bench(
+        ns.arch,
+        Path(ns.model_dir) if ns.model_dir else None,
+        Path(ns.output_dir),
+        ns.parts.split(","),
+        [int(r) for r in ns.resolutions.split(",")],
+        budgets,
+        ns.steps,
+        "sd3booth bench " + " ".join(sys.argv[2:]),
+    )
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from sd3booth.demo import run_demo
 
@@ -148,7 +178,11 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # import-time chatter about optional CPU kernels
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # fewer fragments, so reserved memory stays close to allocated (the budgets are on allocated memory)
+    os.environ.setdefault(
+        "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"
+    )  # import-time chatter about optional CPU kernels
     argv = list(sys.argv[1:] if argv is None else argv)
     root, subs = build_parser()
     try:
@@ -169,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_generate(ns)
         if command == "random-model":
             return _cmd_random_model(ns)
+        if command == "bench":
+            return _cmd_bench(ns)
         return _cmd_demo(ns)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,590 @@
+"""``sd3booth bench``: memory and speed of every stage on the GPU, beside the stock stack, in one run.
+
+Parts (``--parts``, any of):
+* ``stock``     the stock stack of the notes: diffusers transformer + peft LoRA + bitsandbytes AdamW8bit,
+                bf16 autocast, gradient checkpointing, eager; peak memory and s/step per resolution.
+* ``calibrate`` our loading code, stage by stage: each text encoder and T5 mode, VAE encode/decode whole and
+                tiled, training steps for each storage/checkpointing/swap/offload option, sampling; fits the
+                planner's coefficients (``calibration.json``) and measures the error of NF4/fp8 bases
+                (model output, LoRA gradient) and of quantised/streamed/CPU T5 (cosine similarity).
+* ``budgets``   the real ``sd3booth train`` CLI, one subprocess per ``--max_vram`` budget, each under a hard
+                cap (``torch.cuda.set_per_process_memory_fraction``), so exceeding the budget fails the run.
+
+Random weights at true size: the numbers say everything about memory and speed, nothing about quality.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GIB = 2**30
+CAP_ENV = "SD3BOOTH_MEMORY_CAP_GIB"  # read by train(): hard cap on this process's GPU memory
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def _reset() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> float:
+    return torch.cuda.max_memory_allocated() / GIB
+
+
+def _reserved() -> float:
+    return torch.cuda.max_memory_reserved() / GIB
+
+
+def _inputs(cfg: dict[str, Any], res: int, batch: int, t5_len: int = 77, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    lat = res // 8
+    return dict(
+        hidden_states=torch.randn(
+            batch, cfg["in_channels"], lat, lat, device="cuda", generator=g, dtype=torch.bfloat16
+        ),
+        encoder_hidden_states=torch.randn(
+            batch, 77 + t5_len, cfg["joint_attention_dim"], device="cuda", generator=g, dtype=torch.bfloat16
+        ),
+        pooled_projections=torch.randn(
+            batch, cfg["pooled_projection_dim"], device="cuda", generator=g, dtype=torch.bfloat16
+        ),
+        timestep=torch.full((batch,), 500.0, device="cuda"),
+    )
+
+
+def _time_steps(step: Callable[[], None], steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    _sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _lora_step(
+    model: Any, params: list, opt: Any, inp: dict[str, torch.Tensor], offload: bool = False
+) -> Callable[[], None]:
+    def step() -> None:
+        saver = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()
+        with torch.autocast("cuda", dtype=torch.bfloat16), saver:
+            out = model(**inp, return_dict=False)[0]
+        loss = out.float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ---- stock stack -----------------------------------------------------------------------------------------
+
+
+def bench_stock(model_dir: Path, resolutions: list[int], steps: int, rank: int) -> list[dict[str, Any]]:
+    """The recipe behind the notes' stock numbers, written the way the diffusers example writes it."""
+    import bitsandbytes as bnb
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+
+    from sd3booth.config import DEFAULT_LORA_LAYERS
+
+    rows = []
+    for res in resolutions:
+        _reset()
+        model = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=torch.bfloat16).to("cuda")
+        model.requires_grad_(False)
+        model.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(DEFAULT_LORA_LAYERS))
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+        model.enable_gradient_checkpointing()
+        opt = bnb.optim.AdamW8bit(params, lr=1e-4)
+        weights = torch.cuda.memory_allocated() / GIB
+        s = _time_steps(_lora_step(model, params, opt, _inputs(model.config, res, 1)), steps)
+        rows.append(
+            {
+                "stack": "stock",
+                "resolution": res,
+                "weights_gib": round(weights, 3),
+                "peak_gib": round(_peak(), 3),
+                "reserved_gib": round(_reserved(), 3),
+                "s_per_step": round(s, 4),
+            }
+        )
+        del model, params, opt
+    _reset()
+    return rows
+
+
+# ---- calibration -----------------------------------------------------------------------------------------
+
+
+def _measure(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    _reset()
+    t0 = time.perf_counter()
+    out = fn()
+    _sync()
+    return out, _peak(), time.perf_counter() - t0
+
+
+def bench_calibrate(model_dir: Path, steps: int, rank: int, log: Callable[[str], None]) -> dict[str, Any]:
+    from sd3booth import cache_text, lora, models
+    from sd3booth.config import DEFAULT_LORA_LAYERS
+    from sd3booth.plan import read_sizes
+
+    src = models.resolve_model(str(model_dir))
+    sizes = read_sizes(model_dir)
+    dev = torch.device("cuda")
+    rows: list[dict[str, Any]] = []
+    prompts = [f"a photo of sks toy number {i} in a garden, detailed, sharp focus" for i in range(8)]
+
+    # text encoders: 8 prompts x 256 T5 tokens, the notes' workload
+    def encode(index: int, t5: str, batch_prompts: list[str]) -> torch.Tensor:
+        place = models.plan_placement(dev, "bf16", t5)
+        tok, enc = models.load_text_encoder(src, index, place)
+        with torch.no_grad():
+            if index < 3:
+                out = cache_text._clip_embed(tok, enc, batch_prompts, dev)[0]
+            else:
+                out = cache_text._t5_embed(tok, enc, batch_prompts, place.t5_device, 256)
+        models.free(enc)
+        return out
+
+    for index, name in ((1, "CLIP-L"), (2, "CLIP-G")):
+        _, peak, secs = _measure(lambda i=index: encode(i, "bf16", prompts))
+        rows.append({"stage": name, "option": "bf16 x8", "peak_gib": round(peak, 3), "seconds": round(secs, 2)})
+    t5_ref = None
+    for mode in ("bf16", "int8", "nf4", "stream", "cpu"):
+        use = prompts if mode != "cpu" else prompts[:2]
+        out, peak, secs = _measure(lambda m=mode, u=use: encode(3, m, u))
+        row = {"stage": "T5", "option": f"{mode} x{len(use)}", "peak_gib": round(peak, 3), "seconds": round(secs, 2)}
+        if mode == "bf16":
+            t5_ref = out
+        else:
+            ref = t5_ref[: len(use)].flatten(1).float()
+            row["cosine_vs_bf16"] = round(
+                torch.nn.functional.cosine_similarity(out.flatten(1).float(), ref).min().item(), 5
+            )
+        rows.append(row)
+        log(f"T5 {mode}: peak {peak:.2f} GiB, {secs:.1f} s")
+
+    # VAE encode and decode at 1024 px, whole and tiled
+    px = torch.rand(1, 3, 1024, 1024, device=dev, dtype=torch.bfloat16) * 2 - 1
+    for tiled in (False, True):
+        place = models.plan_placement(dev, "bf16", "bf16")
+        place = models.Placement(**{**place.__dict__, "vae_tiling": tiled})
+        vae = models.load_vae(src, place)
+        option = "tiled" if tiled else "whole"
+        with torch.no_grad():
+            _reset()
+            lat = vae.encode(px).latent_dist.mean
+            rows.append({"stage": "VAE encode", "option": option, "peak_gib": round(_peak(), 3)})
+            _reset()
+            vae.decode(lat)
+            rows.append({"stage": "VAE decode", "option": option, "peak_gib": round(_peak(), 3)})
+        models.free(vae)
+        del vae, lat
+
+    # training steps for each option (batch 1, 154 text tokens), and sampling activations
+    train_rows = []
+    ref_state: dict[str, Any] = {}
+    options = [
+        ("bf16", 0, 0, False, 1024),
+        ("bf16", sizes.n_blocks, 0, False, 1024),
+        ("bf16", 0, 0, False, 512),
+        ("bf16", sizes.n_blocks, 0, False, 512),
+        ("bf16", sizes.n_blocks, sizes.n_blocks, False, 1024),
+        ("bf16", sizes.n_blocks, 0, True, 1024),
+        ("nf4", sizes.n_blocks, 0, False, 1024),
+        ("fp8", sizes.n_blocks, 0, False, 1024),
+        ("bf16", sizes.n_blocks // 2, 0, False, 1024),
+    ]
+    for base, ckpt, swap, offload, res in options:
+        _reset()
+        place = models.Placement(
+            **{
+                **models.plan_placement(dev, "bf16", "bf16").__dict__,
+                "base": base,
+                "checkpoint_blocks": ckpt,
+                "swap_blocks": swap,
+                "activation_offload": offload,
+            }
+        )
+        torch.manual_seed(0)
+        model = models.load_transformer(src, place)
+        params = lora.add_lora(model, rank, rank, 0.0, lora.resolve_targets(model, list(DEFAULT_LORA_LAYERS), None))
+        with torch.no_grad():
+            for p in params:  # non-zero B, the same in every option, so gradients and outputs compare
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.01)
+        models.apply_fp8_storage(model, place)
+        swapper = models.attach_memory_savers(model, place)
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=0.0)  # lr 0: weights stay equal across steps and options
+        inp = _inputs(model.config, res, 1)
+        weights = torch.cuda.memory_allocated() / GIB
+        step = _lora_step(model, params, opt, inp, offload)
+        s = _time_steps(step, steps)
+        row = {
+            "base": base,
+            "checkpoint_blocks": ckpt,
+            "swap_blocks": swap,
+            "activation_offload": offload,
+            "resolution": res,
+            "weights_gib": round(weights, 3),
+            "peak_gib": round(_peak(), 3),
+            "reserved_gib": round(_reserved(), 3),
+            "s_per_step": round(s, 4),
+        }
+        if res == 1024 and not offload and not swap:  # error of quantised storage against bf16, same inputs
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(**inp, return_dict=False)[0].float()
+            out.square().mean().backward()
+            grad = torch.cat([p.grad.flatten().float() for p in params])
+            if base == "bf16" and ckpt == sizes.n_blocks:
+                ref_state.update(out=out.detach(), grad=grad.detach())
+            elif ref_state and base != "bf16":
+                row["output_rel_err"] = round(((out - ref_state["out"]).norm() / ref_state["out"].norm()).item(), 5)
+                row["lora_grad_rel_err"] = round(
+                    ((grad - ref_state["grad"]).norm() / ref_state["grad"].norm()).item(), 5
+                )
+        if base == "bf16" and ckpt == 0 and res == 1024:  # sampling: no-grad forward, batch 2 (guidance)
+            inp2 = _inputs(model.config, res, 2)
+            _reset()
+            before = torch.cuda.memory_allocated() / GIB
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                model(**inp2, return_dict=False)
+            _sync()
+            row["inference_b2_act_gib"] = round(_peak() - before, 3)
+        train_rows.append(row)
+        log(f"train {row}")
+        if swapper is not None:
+            swapper.remove()
+        del model, params, opt, swapper, step
+        _reset()
+
+    # host-to-device bandwidth for block swap
+    host = torch.empty(512 * 2**20, dtype=torch.uint8).pin_memory()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        host.to("cuda", non_blocking=True)
+    _sync()
+    h2d = 5 * host.numel() / (time.perf_counter() - t0) / 1e9
+    return {"sizes": sizes.__dict__, "stages": rows, "train": train_rows, "h2d_gbps": round(h2d, 2)}
+
+
+def fit_calibration(measured: dict[str, Any], seed: dict[str, Any]) -> dict[str, Any]:
+    """Planner coefficients from one calibrate run (see plan.predict for the formula they enter)."""
+    sz = measured["sizes"]
+    n, hidden = sz["n_blocks"], sz["hidden"]
+    tr = {
+        (r["base"], r["checkpoint_blocks"], r["swap_blocks"], r["activation_offload"], r["resolution"]): r
+        for r in measured["train"]
+    }
+    st = {(r["stage"], r["option"]): r for r in measured["stages"]}
+    fixed = seed["coefficients"]["fixed"]
+
+    def units(res: int) -> float:
+        return ((res // 16) ** 2 + 154) * hidden / GIB
+
+    # no checkpointing at two sizes: act_full (slope per token) and the fixed overhead
+    nockpt = {res: tr[("bf16", 0, 0, False, res)] for res in (512, 1024)}
+    a1024 = nockpt[1024]["peak_gib"] - nockpt[1024]["weights_gib"]
+    a512 = nockpt[512]["peak_gib"] - nockpt[512]["weights_gib"]
+    act_full = (a1024 - a512) / ((units(1024) - units(512)) * n)
+    fixed = max(0.05, a1024 - act_full * units(1024) * n)
+    full = tr[("bf16", n, 0, False, 1024)]
+    act_ckpt = max(0.0, (full["peak_gib"] - full["weights_gib"] - fixed - act_full * units(1024)) / (units(1024) * n))
+    cal = json.loads(json.dumps(seed))
+    c = cal["coefficients"]
+    c.update(fixed=round(fixed, 4), act_full=round(act_full, 3), act_checkpointed=round(act_ckpt, 3))
+    c["act_inference"] = round(nockpt[1024].get("inference_b2_act_gib", 0.0) / (2 * units(1024)), 3)
+    c["clip_l_act_per8"] = round(st[("CLIP-L", "bf16 x8")]["peak_gib"] - sz["clip_l_params"] * 2 / GIB - fixed, 3)
+    c["clip_g_act_per8"] = round(st[("CLIP-G", "bf16 x8")]["peak_gib"] - sz["clip_g_params"] * 2 / GIB - fixed, 3)
+    c["t5_act_per8x256"] = round(max(0.0, st[("T5", "bf16 x8")]["peak_gib"] - sz["t5_params"] * 2 / GIB - fixed), 3)
+    vae_w = sz["vae_params"] * 2 / GIB
+    c["vae_encode_per_mpx"] = round(st[("VAE encode", "whole")]["peak_gib"] - vae_w - fixed, 3)
+    c["vae_decode_per_mpx"] = round(st[("VAE decode", "whole")]["peak_gib"] - vae_w, 3)
+    bpp = cal["bytes_per_param"]
+    t5_gib = sz["t5_params"] / GIB
+    for mode in ("int8", "nf4"):
+        bpp[f"t5_{mode}"] = round((st[("T5", f"{mode} x8")]["peak_gib"] - fixed - c["t5_act_per8x256"]) / t5_gib, 3)
+    block_gib = sz["block_params"] / GIB
+    for base in ("nf4", "fp8"):
+        row = tr[(base, n, 0, False, 1024)]
+        other = sz["other_params"] * 2 / GIB
+        bpp[base] = round(max(0.3, (row["weights_gib"] - other) / (block_gib * n)), 4)
+    t = cal["time"]
+    t["s_per_step_1024_bf16_full_ckpt"] = full["s_per_step"]
+    t["calibration_blocks"] = n
+    t["checkpoint_overhead"] = round(full["s_per_step"] / nockpt[1024]["s_per_step"] - 1, 3)
+    for base in ("nf4", "fp8"):
+        t["base_factor"][base] = round(tr[(base, n, 0, False, 1024)]["s_per_step"] / full["s_per_step"], 3)
+    t["h2d_gbps"] = measured["h2d_gbps"]
+    swap = tr[("bf16", n, n, False, 1024)]
+    copy_s = 2 * n * sz["block_params"] * 2 / (measured["h2d_gbps"] * 1e9)
+    t["swap_overhead_per_block"] = round(max(0.0, swap["s_per_step"] - max(full["s_per_step"], copy_s)) / n, 5)
+    t["activation_offload_factor"] = round(tr[("bf16", n, 0, True, 1024)]["s_per_step"] / full["s_per_step"], 3)
+    cal["source"] = (
+        f"fitted by sd3booth bench --parts calibrate on {measured.get('device', '?')}, {measured.get('date', '?')}"
+    )
+    return cal
+
+
+# ---- budgets ----------------------------------------------------------------------------------------------
+
+
+def bench_budgets(
+    model_dir: Path,
+    out: Path,
+    budgets: list[float | None],
+    resolution: int,
+    steps: int,
+    arch: str,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    from sd3booth.data import write_demo_like_dataset
+
+    photos = out / "photos"
+    if not photos.is_dir():
+        write_demo_like_dataset(photos, n=4, size=resolution)
+    rows = []
+    for budget in budgets:
+        name = f"budget-{budget:g}" if budget else "default"
+        run = out / name
+        cmd = [
+            sys.executable,
+            "-m",
+            "sd3booth",
+            "train",
+            "--pretrained_model_name_or_path",
+            str(model_dir),
+            "--instance_data_dir",
+            str(photos),
+            "--instance_prompt",
+            "a photo of sks toy",
+            "--output_dir",
+            str(run),
+            "--cache_dir",
+            str(run / "cache"),
+            "--overwrite_output_dir",
+            "--resolution",
+            str(resolution),
+            "--train_batch_size",
+            "1",
+            "--max_train_steps",
+            str(steps),
+            "--rank",
+            "16",
+            "--optimizer",
+            "adamw8bit",
+            "--seed",
+            "0",
+            "--lr_warmup_steps",
+            "0",
+            "--validation_prompt",
+            "a photo of sks toy",
+            "--num_validation_images",
+            "1",
+            "--validation_steps",
+            str(steps),
+            "--num_inference_steps",
+            "4",
+            "--checkpointing_steps",
+            str(steps),
+            "--report_to",
+            "none",
+        ]
+        env = dict(os.environ)
+        if budget:
+            cmd += ["--max_vram", str(budget)]
+            env[CAP_ENV] = str(budget)
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        row: dict[str, Any] = {
+            "arch": arch,
+            "budget_gib": budget,
+            "resolution": resolution,
+            "rc": r.returncode,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
+        if r.returncode == 0:
+            stages = json.loads((run / "stages.json").read_text())
+            plan = json.loads((run / "plan.json").read_text())
+            metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            row["peak_gib"] = max(s.get("peak_allocated_gib", 0) for s in stages)
+            row["peak_reserved_gib"] = max(s.get("peak_reserved_gib", 0) for s in stages)
+            row["stages"] = {s["stage"]: s.get("peak_allocated_gib") for s in stages}
+            row["s_per_step"] = round(statistics.median(m["s_per_step"] for m in metrics[2:]), 4)
+            row["plan"] = {
+                k: plan[k]
+                for k in (
+                    "base",
+                    "checkpoint_blocks",
+                    "swap_blocks",
+                    "activation_offload",
+                    "t5",
+                    "text_batch",
+                    "vae_tiling",
+                )
+            }
+            row["predicted_peak_gib"] = max(plan["predicted"].values())
+        else:
+            row["error"] = (r.stderr.strip().splitlines() or ["?"])[-1][:300]
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"## {result['arch']} — {result['date']}, {result['device']}",
+        "",
+        f"`{result['command']}`",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+    ]
+    if result.get("stock"):
+        lines += [
+            "| stock stack (bf16 + GC + AdamW8bit, eager) | res | weights GiB | peak GiB | s/step |",
+            "|---|---|---|---|---|",
+        ]
+        for r in result["stock"]:
+            lines.append(
+                f"| stock | {r['resolution']} | {r['weights_gib']:.2f} | {r['peak_gib']:.2f} | {r['s_per_step']:.3f} |"
+            )
+        lines.append("")
+    cal = result.get("calibrate")
+    if cal:
+        lines += [
+            "| training step option | res | weights GiB | peak GiB | s/step | output rel. err | LoRA grad rel. err |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in cal["train"]:
+            opt = f"{r['base']}, ckpt {r['checkpoint_blocks']}, swap {r['swap_blocks']}" + (
+                ", act. offload" if r["activation_offload"] else ""
+            )
+            lines.append(
+                f"| {opt} | {r['resolution']} | {r['weights_gib']:.2f} | {r['peak_gib']:.2f} | {r['s_per_step']:.3f} | "
+                f"{r.get('output_rel_err', '')} | {r.get('lora_grad_rel_err', '')} |"
+            )
+        lines += ["", "| stage | option | peak GiB | seconds | cosine vs bf16 |", "|---|---|---|---|---|"]
+        for r in cal["stages"]:
+            lines.append(
+                f"| {r['stage']} | {r['option']} | {r['peak_gib']:.2f} | {r.get('seconds', '')} | "
+                f"{r.get('cosine_vs_bf16', '')} |"
+            )
+        lines += ["", f"Host-to-device copy (pinned): {cal['h2d_gbps']} GB/s", ""]
+    if result.get("budgets"):
+        lines += [
+            "| --max_vram | plan | predicted peak | measured peak (alloc / reserved) | s/step | per-stage peak GiB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["budgets"]:
+            if r["rc"] != 0:
+                lines.append(f"| {r['budget_gib'] or 'default'} | failed: {r.get('error', '')} | | | | |")
+                continue
+            p = r["plan"]
+            plan = (
+                f"{p['base']}, ckpt {p['checkpoint_blocks']}, swap {p['swap_blocks']}, T5 {p['t5']}"
+                + (", act. offload" if p["activation_offload"] else "")
+                + (", VAE tiled" if p["vae_tiling"] else "")
+            )
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items() if v is not None)
+            lines.append(
+                f"| {r['budget_gib'] or 'default'} | {plan} | {r['predicted_peak_gib']:.2f} | "
+                f"{r['peak_gib']:.2f} / {r['peak_reserved_gib']:.2f} | {r['s_per_step']:.3f} | {stages} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(
+    arch: str,
+    model_dir: Path | None,
+    out: Path,
+    parts: list[str],
+    resolutions: list[int],
+    budgets: list[float | None],
+    steps: int,
+    command: str,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+
+    from sd3booth import __version__
+    from sd3booth.models import quiet_libraries
+    from sd3booth.plan import load_calibration
+    from sd3booth.random_model import write_random_model
+
+    if not torch.cuda.is_available():
+        from sd3booth.errors import UserError
+
+        raise UserError("sd3booth bench measures GPU memory and needs a CUDA GPU")
+    quiet_libraries()
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = model_dir or out / f"model-{arch}"
+    if not (model_dir / "model_index.json").is_file():
+        t0 = time.perf_counter()
+        write_random_model(model_dir, arch)
+        log(f"random {arch} written in {time.perf_counter() - t0:.0f} s")
+    result: dict[str, Any] = {
+        "arch": arch,
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(0),
+        "command": command,
+        "versions": {
+            "sd3booth": __version__,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "accelerate": accelerate.__version__,
+        },
+    }
+    if "stock" in parts:
+        result["stock"] = bench_stock(model_dir, resolutions, steps, 16)
+        log(f"stock: {result['stock']}")
+    if "calibrate" in parts:
+        measured = bench_calibrate(model_dir, steps, 16, log)
+        measured.update(device=result["device"], date=result["date"])
+        result["calibrate"] = measured
+        cal = fit_calibration(measured, load_calibration())
+        (out / "calibration.json").write_text(json.dumps(cal, indent=2) + "\n")
+        result["calibration"] = cal
+    if "budgets" in parts:
+        result["budgets"] = bench_budgets(model_dir, out, budgets, resolutions[0], max(steps, 6), arch, log)
+    (out / f"bench-{arch}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"bench-{arch}.md").write_text(markdown(result))
+    log(markdown(result))
+    return result
