@@ -148,9 +148,88 @@ def _measure(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     return out, _peak(), time.perf_counter() - t0
 
 
-def bench_calibrate(model_dir: Path, steps: int, rank: int, log: Callable[[str], None]) -> dict[str, Any]:
-    from sd3booth import cache_text, lora, models
+def _train_option(
+    src: Any,
+    sizes: Any,
+    dev: torch.device,
+    rank: int,
+    steps: int,
+    option: tuple,
+    ref_state: dict[str, Any],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """One training-step measurement: storage, checkpointing, swap and offload as given, batch 1."""
+    import bitsandbytes as bnb
+
+    from sd3booth import lora, models
     from sd3booth.config import DEFAULT_LORA_LAYERS
+
+    base, ckpt, swap, offload, res = option
+    _reset()
+
+    place = models.Placement(
+        **{
+            **models.plan_placement(dev, "bf16", "bf16").__dict__,
+            "base": base,
+            "checkpoint_blocks": ckpt,
+            "swap_blocks": swap,
+            "activation_offload": offload,
+        }
+    )
+    torch.manual_seed(0)
+    model = models.load_transformer(src, place)
+    params = lora.add_lora(model, rank, rank, 0.0, lora.resolve_targets(model, list(DEFAULT_LORA_LAYERS), None))
+    with torch.no_grad():
+        for p in params:  # non-zero B, the same in every option, so gradients and outputs compare
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.01)
+    models.apply_fp8_storage(model, place)
+    swapper = models.attach_memory_savers(model, place)
+
+    opt = bnb.optim.AdamW8bit(params, lr=0.0)  # lr 0: weights stay equal across steps and options
+    inp = _inputs(model.config, res, 1)
+    weights = torch.cuda.memory_allocated() / GIB
+    step = _lora_step(model, params, opt, inp, offload)
+    s = _time_steps(step, steps)
+    row = {
+        "base": base,
+        "checkpoint_blocks": ckpt,
+        "swap_blocks": swap,
+        "activation_offload": offload,
+        "resolution": res,
+        "weights_gib": round(weights, 3),
+        "peak_gib": round(_peak(), 3),
+        "reserved_gib": round(_reserved(), 3),
+        "s_per_step": round(s, 4),
+    }
+    if res == 1024 and not offload and not swap:  # error of quantised storage against bf16, same inputs
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(**inp, return_dict=False)[0].float()
+        out.square().mean().backward()
+        grad = torch.cat([p.grad.flatten().float() for p in params])
+        if base == "bf16" and ckpt == sizes.n_blocks:
+            ref_state.update(out=out.detach(), grad=grad.detach())
+        elif ref_state and base != "bf16":
+            row["output_rel_err"] = round(((out - ref_state["out"]).norm() / ref_state["out"].norm()).item(), 5)
+            row["lora_grad_rel_err"] = round(((grad - ref_state["grad"]).norm() / ref_state["grad"].norm()).item(), 5)
+    if base == "bf16" and ckpt == 0 and res == 1024:  # sampling: no-grad forward, batch 2 (guidance)
+        inp2 = _inputs(model.config, res, 2)
+        _reset()
+        before = torch.cuda.memory_allocated() / GIB
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(**inp2, return_dict=False)
+        _sync()
+        row["inference_b2_act_gib"] = round(_peak() - before, 3)
+    if swapper is not None:
+        swapper.remove()
+    del model, params, opt, swapper, step
+    _reset()
+    log(f"train {row}")
+    return row
+
+
+def bench_calibrate(model_dir: Path, steps: int, rank: int, log: Callable[[str], None]) -> dict[str, Any]:
+    from sd3booth import cache_text, models
     from sd3booth.plan import read_sizes
 
     src = models.resolve_model(str(model_dir))
@@ -220,69 +299,17 @@ def bench_calibrate(model_dir: Path, steps: int, rank: int, log: Callable[[str],
         ("fp8", sizes.n_blocks, 0, False, 1024),
         ("bf16", sizes.n_blocks // 2, 0, False, 1024),
     ]
-    for base, ckpt, swap, offload, res in options:
-        _reset()
-        place = models.Placement(
-            **{
-                **models.plan_placement(dev, "bf16", "bf16").__dict__,
-                "base": base,
-                "checkpoint_blocks": ckpt,
-                "swap_blocks": swap,
-                "activation_offload": offload,
-            }
-        )
-        torch.manual_seed(0)
-        model = models.load_transformer(src, place)
-        params = lora.add_lora(model, rank, rank, 0.0, lora.resolve_targets(model, list(DEFAULT_LORA_LAYERS), None))
-        with torch.no_grad():
-            for p in params:  # non-zero B, the same in every option, so gradients and outputs compare
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.01)
-        models.apply_fp8_storage(model, place)
-        swapper = models.attach_memory_savers(model, place)
-        import bitsandbytes as bnb
-
-        opt = bnb.optim.AdamW8bit(params, lr=0.0)  # lr 0: weights stay equal across steps and options
-        inp = _inputs(model.config, res, 1)
-        weights = torch.cuda.memory_allocated() / GIB
-        step = _lora_step(model, params, opt, inp, offload)
-        s = _time_steps(step, steps)
-        row = {
-            "base": base,
-            "checkpoint_blocks": ckpt,
-            "swap_blocks": swap,
-            "activation_offload": offload,
-            "resolution": res,
-            "weights_gib": round(weights, 3),
-            "peak_gib": round(_peak(), 3),
-            "reserved_gib": round(_reserved(), 3),
-            "s_per_step": round(s, 4),
-        }
-        if res == 1024 and not offload and not swap:  # error of quantised storage against bf16, same inputs
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(**inp, return_dict=False)[0].float()
-            out.square().mean().backward()
-            grad = torch.cat([p.grad.flatten().float() for p in params])
-            if base == "bf16" and ckpt == sizes.n_blocks:
-                ref_state.update(out=out.detach(), grad=grad.detach())
-            elif ref_state and base != "bf16":
-                row["output_rel_err"] = round(((out - ref_state["out"]).norm() / ref_state["out"].norm()).item(), 5)
-                row["lora_grad_rel_err"] = round(
-                    ((grad - ref_state["grad"]).norm() / ref_state["grad"].norm()).item(), 5
+    for option in options:
+        try:
+            train_rows.append(_train_option(src, sizes, dev, rank, steps, option, ref_state, log))
+        except Exception as e:  # noqa: BLE001 - record the failure, measure the rest
+            train_rows.append(
+                dict(
+                    zip(("base", "checkpoint_blocks", "swap_blocks", "activation_offload", "resolution"), option),
+                    error=f"{type(e).__name__}: {e}"[:300],
                 )
-        if base == "bf16" and ckpt == 0 and res == 1024:  # sampling: no-grad forward, batch 2 (guidance)
-            inp2 = _inputs(model.config, res, 2)
-            _reset()
-            before = torch.cuda.memory_allocated() / GIB
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                model(**inp2, return_dict=False)
-            _sync()
-            row["inference_b2_act_gib"] = round(_peak() - before, 3)
-        train_rows.append(row)
-        log(f"train {row}")
-        if swapper is not None:
-            swapper.remove()
-        del model, params, opt, swapper, step
+            )
+            log(f"train option {option} failed: {e}")
         _reset()
 
     # host-to-device bandwidth for block swap

@@ -29,11 +29,18 @@ class LatentSpec:
     resolution: int
     center_crop: bool
     flip: bool
+    tiled: bool = False  # tiled encoding blends tile seams: slightly different latents, so its own entries
 
 
 def latent_key(digest: str, spec: LatentSpec, vae_identity: str) -> str:
     return content_key(
-        kind="latent", image=digest, res=spec.resolution, center_crop=spec.center_crop, flip=spec.flip, vae=vae_identity
+        kind="latent",
+        image=digest,
+        res=spec.resolution,
+        center_crop=spec.center_crop,
+        flip=spec.flip,
+        tiled=spec.tiled,
+        vae=vae_identity,
     )
 
 

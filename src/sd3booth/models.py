@@ -300,7 +300,9 @@ def attach_memory_savers(model: Any, place: Placement) -> Any:
         chosen = range(min(place.checkpoint_blocks, len(blocks)))
         model.enable_gradient_checkpointing(gradient_checkpointing_func=selective_checkpointing(chosen, blocks))
     if place.swap_blocks:
-        return BlockSwapper(blocks, range(min(place.swap_blocks, len(blocks))), place.device)
+        swapper = BlockSwapper(blocks, range(min(place.swap_blocks, len(blocks))), place.device)
+        model.to(place.device)  # what stays resident in swapped blocks (LoRA, norms) joins the rest on the GPU
+        return swapper
     return None
 
 

@@ -172,7 +172,7 @@ def prepare(
             classes = data.scan_class_images(Path(cfg.class_data_dir or ""), cfg.class_prompt or "")
         classes = classes[: cfg.num_class_images]
     flips = (False, True) if cfg.random_flip else (False,)
-    specs = [cache_latents.LatentSpec(cfg.resolution, cfg.center_crop, f) for f in flips]
+    specs = [cache_latents.LatentSpec(cfg.resolution, cfg.center_crop, f, place.vae_tiling) for f in flips]
     latent_keys = cache_latents.ensure_latents(instances + classes, specs, src, place, cfg.cache_path, log, stage)
     shift, scale = models.vae_latent_params(src)
     return Prepared(
