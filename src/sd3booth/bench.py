@@ -323,7 +323,7 @@ def bench_calibrate(model_dir: Path, steps: int, rank: int, log: Callable[[str],
     return {"sizes": sizes.__dict__, "stages": rows, "train": train_rows, "h2d_gbps": round(h2d, 2)}
 
 
-def fit_calibration(measured: dict[str, Any], seed: dict[str, Any]) -> dict[str, Any]:
+def fit_calibration(measured: dict[str, Any], seed: dict[str, Any]) -> dict[str, Any]:  # noqa: C901
     """Planner coefficients from one calibrate run (see plan.predict for the formula they enter)."""
     sz = measured["sizes"]
     n, hidden = sz["n_blocks"], sz["hidden"]
@@ -364,6 +364,15 @@ def fit_calibration(measured: dict[str, Any], seed: dict[str, Any]) -> dict[str,
         row = tr[(base, n, 0, False, 1024)]
         other = sz["other_params"] * 2 / GIB
         bpp[base] = round(max(0.3, (row["weights_gib"] - other) / (block_gib * n)), 4)
+    gc_act = full["peak_gib"] - full["weights_gib"]
+    c["base_extra_units"] = round(units(1024), 6)
+    c["base_extra"] = {
+        b: round(
+            max(0.0, tr[(b, n, 0, False, 1024)]["peak_gib"] - tr[(b, n, 0, False, 1024)]["weights_gib"] - gc_act), 3
+        )
+        for b in ("nf4", "fp8")
+    }
+    c["t5_stream_base"] = round(max(0.0, st[("T5", "stream x8")]["peak_gib"] - c["t5_act_per8x256"] - fixed), 3)
     t = cal["time"]
     t["s_per_step_1024_bf16_full_ckpt"] = full["s_per_step"]
     t["calibration_blocks"] = n

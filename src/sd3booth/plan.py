@@ -22,7 +22,9 @@ from typing import Any
 from sd3booth.errors import UserError
 
 GIB = 2**30
-T5_SPEED_ORDER = ("bf16", "int8", "nf4", "stream", "cpu")  # fastest first
+# T5 options by fidelity to bf16 (bench, H100: stream keeps bf16 weights, cosine 0.99992; int8 0.9989;
+# nf4 0.943); encoding is a one-off of seconds, so fidelity decides among plans of equal step time.
+T5_PREFERENCE = ("bf16", "stream", "cpu", "int8", "nf4")
 BASE_SPEED_ORDER = ("bf16", "fp8", "nf4")
 
 
@@ -184,8 +186,8 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     t5_act = c["t5_act_per8x256"] * text_units * work.t5_len / 256
     if plan.t5 in ("bf16", "int8", "nf4"):
         stages["T5"] = _weight_gib(sizes.t5_params, f"t5_{plan.t5}", cal) + t5_act + c["fixed"]
-    elif plan.t5 == "stream":
-        stages["T5"] = _weight_gib(sizes.t5_layer_params, "bf16", cal) * 2 + t5_act + c["fixed"]
+    elif plan.t5 == "stream":  # accelerate streams one Linear at a time: a measured constant plus activations
+        stages["T5"] = c["t5_stream_base"] + t5_act + c["fixed"]
     px = work.resolution**2 / 1024**2
     tile_px = min(px, 0.25) if plan.vae_tiling else px
     vae_w = _weight_gib(sizes.vae_params, "bf16", cal)
@@ -194,7 +196,8 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     decode = vae_w + c["vae_decode_per_mpx"] * tile_px
     if work.class_images:
         stages["class images"] = resident + sample_act + decode + c["fixed"]
-    stages["training"] = resident + lora + act + c["fixed"]
+    base_extra = c["base_extra"].get(plan.base, 0.0) * units / c["base_extra_units"]  # dequant/upcast buffers
+    stages["training"] = resident + lora + act + base_extra + c["fixed"]
     if work.validation:
         stages["validation"] = resident + lora + max(sample_act, decode) + c["fixed"]
     t = cal["time"]
@@ -225,7 +228,7 @@ def candidates(sizes: ModelSizes, fixed: dict[str, Any]) -> list[Plan]:
         "checkpoint_blocks": sorted({0, n // 4, n // 2, (3 * n) // 4, n}),
         "swap_blocks": sorted({0, *range(2, n + 1, 2), n}),
         "activation_offload": [False, True],
-        "t5": list(T5_SPEED_ORDER),
+        "t5": list(T5_PREFERENCE),
         "text_batch": [8, 1],
         "vae_tiling": [False, True],
     }
@@ -312,5 +315,5 @@ def choose(sizes: ModelSizes, work: Workload, budget_gib: float, cal: dict[str, 
             f"--max_vram {budget_gib:g} GiB is below what this model needs at resolution {work.resolution} "
             f"(at least {need} GiB predicted); raise --max_vram, lower --resolution or --train_batch_size"
         )
-    return min(fits, key=lambda p: (p.predicted_s_per_step, T5_SPEED_ORDER.index(p.t5), -p.text_batch, p.vae_tiling,
+    return min(fits, key=lambda p: (p.predicted_s_per_step, T5_PREFERENCE.index(p.t5), -p.text_batch, p.vae_tiling,
                                     p.peak))  # fmt: skip
