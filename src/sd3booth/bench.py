@@ -390,6 +390,24 @@ def fit_calibration(measured: dict[str, Any], seed: dict[str, Any]) -> dict[str,
     return cal
 
 
+def refine_from_budgets(cal: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Adds what whole runs showed and the stage probes did not: the extra cost of decoding in the pipeline."""
+    extras = []
+    for r in rows:
+        if r["rc"] != 0 or r["plan"]["vae_tiling"] or "predicted" not in r:
+            continue
+        measured = [v for k, v in r["stages"].items() if k.startswith("validation") and v is not None]
+        if measured and "validation" in r["predicted"]:
+            px = r["resolution"] ** 2 / 1024**2
+            extras.append((max(measured) - r["predicted"]["validation"]) / px)
+    if extras:
+        c = cal["coefficients"]
+        c["pipeline_decode_extra_per_mpx"] = round(
+            max(0.0, c.get("pipeline_decode_extra_per_mpx", 0.0) + max(extras)), 3
+        )
+    return cal
+
+
 # ---- budgets ----------------------------------------------------------------------------------------------
 
 
@@ -488,6 +506,7 @@ def bench_budgets(
                 )
             }
             row["predicted_peak_gib"] = max(plan["predicted"].values())
+            row["predicted"] = plan["predicted"]
         else:
             row["error"] = (r.stderr.strip().splitlines() or ["?"])[-1][:300]
         rows.append(row)
@@ -620,6 +639,8 @@ def run_bench(
         result["calibration"] = cal
     if "budgets" in parts:
         result["budgets"] = bench_budgets(model_dir, out, budgets, resolutions[0], max(steps, 6), arch, log)
+        refined = refine_from_budgets(result.get("calibration") or load_calibration(), result["budgets"])
+        (out / "calibration.json").write_text(json.dumps(refined, indent=2) + "\n")
     (out / f"bench-{arch}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"bench-{arch}.md").write_text(markdown(result))
     log(markdown(result))

@@ -193,7 +193,8 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     vae_w = _weight_gib(sizes.vae_params, "bf16", cal)
     stages["VAE encode"] = vae_w + c["vae_encode_per_mpx"] * tile_px + c["fixed"]
     sample_act = units / work.batch * 2 * work.validation_batch * c["act_inference"]
-    decode = vae_w + c["vae_decode_per_mpx"] * tile_px
+    # decoding inside the pipeline costs more than a bare vae.decode (measured by the budget runs)
+    decode = vae_w + (c["vae_decode_per_mpx"] + c.get("pipeline_decode_extra_per_mpx", 0.0)) * tile_px
     if work.class_images:
         stages["class images"] = resident + sample_act + decode + c["fixed"]
     base_extra = c["base_extra"].get(plan.base, 0.0) * units / c["base_extra_units"]  # dequant/upcast buffers
