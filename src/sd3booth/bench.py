@@ -324,66 +324,87 @@ def bench_calibrate(model_dir: Path, steps: int, rank: int, log: Callable[[str],
 
 
 def fit_calibration(measured: dict[str, Any], seed: dict[str, Any]) -> dict[str, Any]:  # noqa: C901
-    """Planner coefficients from one calibrate run (see plan.predict for the formula they enter)."""
+    """Planner coefficients from one calibrate run (see plan.predict for the formula they enter).
+
+    A coefficient whose measurements are missing or failed (a row with ``error``) keeps the seed's value, so
+    one option that could not run on this GPU never costs the rest of the run's measurements.
+    """
     sz = measured["sizes"]
     n, hidden = sz["n_blocks"], sz["hidden"]
     tr = {
         (r["base"], r["checkpoint_blocks"], r["swap_blocks"], r["activation_offload"], r["resolution"]): r
         for r in measured["train"]
+        if "error" not in r
     }
-    st = {(r["stage"], r["option"]): r for r in measured["stages"]}
-    fixed = seed["coefficients"]["fixed"]
+    st = {(r["stage"], r["option"]): r for r in measured["stages"] if "error" not in r and "peak_gib" in r}
+    cal = json.loads(json.dumps(seed))
+    c, bpp, t = cal["coefficients"], cal["bytes_per_param"], cal["time"]
+    fixed = c["fixed"]
 
     def units(res: int) -> float:
         return ((res // 16) ** 2 + 154) * hidden / GIB
 
+    def row(base: str, k: int, s: int = 0, offload: bool = False, res: int = 1024) -> dict[str, Any] | None:
+        return tr.get((base, k, s, offload, res))
+
     # no checkpointing at two sizes: act_full (slope per token) and the fixed overhead
-    nockpt = {res: tr[("bf16", 0, 0, False, res)] for res in (512, 1024)}
-    a1024 = nockpt[1024]["peak_gib"] - nockpt[1024]["weights_gib"]
-    a512 = nockpt[512]["peak_gib"] - nockpt[512]["weights_gib"]
-    act_full = (a1024 - a512) / ((units(1024) - units(512)) * n)
-    fixed = max(0.05, a1024 - act_full * units(1024) * n)
-    full = tr[("bf16", n, 0, False, 1024)]
-    act_ckpt = max(0.0, (full["peak_gib"] - full["weights_gib"] - fixed - act_full * units(1024)) / (units(1024) * n))
-    cal = json.loads(json.dumps(seed))
-    c = cal["coefficients"]
-    c.update(fixed=round(fixed, 4), act_full=round(act_full, 3), act_checkpointed=round(act_ckpt, 3))
-    c["act_inference"] = round(nockpt[1024].get("inference_b2_act_gib", 0.0) / (2 * units(1024)), 3)
-    c["clip_l_act_per8"] = round(st[("CLIP-L", "bf16 x8")]["peak_gib"] - sz["clip_l_params"] * 2 / GIB - fixed, 3)
-    c["clip_g_act_per8"] = round(st[("CLIP-G", "bf16 x8")]["peak_gib"] - sz["clip_g_params"] * 2 / GIB - fixed, 3)
-    c["t5_act_per8x256"] = round(max(0.0, st[("T5", "bf16 x8")]["peak_gib"] - sz["t5_params"] * 2 / GIB - fixed), 3)
+    lo, hi, full = row("bf16", 0, res=512), row("bf16", 0), row("bf16", n)
+    if lo and hi:
+        a1024, a512 = hi["peak_gib"] - hi["weights_gib"], lo["peak_gib"] - lo["weights_gib"]
+        act_full = (a1024 - a512) / ((units(1024) - units(512)) * n)
+        fixed = max(0.05, a1024 - act_full * units(1024) * n)
+        c.update(fixed=round(fixed, 4), act_full=round(act_full, 3))
+        if "inference_b2_act_gib" in hi:
+            c["act_inference"] = round(hi["inference_b2_act_gib"] / (2 * units(1024)), 3)
+    if full:
+        act = full["peak_gib"] - full["weights_gib"] - fixed - c["act_full"] * units(1024)
+        c["act_checkpointed"] = round(max(0.0, act / (units(1024) * n)), 3)
+
+    def stage(name: str, option: str) -> float | None:
+        r = st.get((name, option))
+        return r["peak_gib"] if r else None
+
+    if (v := stage("CLIP-L", "bf16 x8")) is not None:
+        c["clip_l_act_per8"] = round(v - sz["clip_l_params"] * 2 / GIB - fixed, 3)
+    if (v := stage("CLIP-G", "bf16 x8")) is not None:
+        c["clip_g_act_per8"] = round(v - sz["clip_g_params"] * 2 / GIB - fixed, 3)
+    if (v := stage("T5", "bf16 x8")) is not None:
+        c["t5_act_per8x256"] = round(max(0.0, v - sz["t5_params"] * 2 / GIB - fixed), 3)
     vae_w = sz["vae_params"] * 2 / GIB
-    c["vae_encode_per_mpx"] = round(st[("VAE encode", "whole")]["peak_gib"] - vae_w - fixed, 3)
-    c["vae_decode_per_mpx"] = round(st[("VAE decode", "whole")]["peak_gib"] - vae_w, 3)
-    bpp = cal["bytes_per_param"]
+    if (v := stage("VAE encode", "whole")) is not None:
+        c["vae_encode_per_mpx"] = round(v - vae_w - fixed, 3)
+    if (v := stage("VAE decode", "whole")) is not None:
+        c["vae_decode_per_mpx"] = round(v - vae_w, 3)
     t5_gib = sz["t5_params"] / GIB
     for mode in ("int8", "nf4"):
-        bpp[f"t5_{mode}"] = round((st[("T5", f"{mode} x8")]["peak_gib"] - fixed - c["t5_act_per8x256"]) / t5_gib, 3)
+        if (v := stage("T5", f"{mode} x8")) is not None:
+            bpp[f"t5_{mode}"] = round((v - fixed - c["t5_act_per8x256"]) / t5_gib, 3)
+    if (v := stage("T5", "stream x8")) is not None:
+        c["t5_stream_base"] = round(max(0.0, v - c["t5_act_per8x256"] - fixed), 3)
     block_gib = sz["block_params"] / GIB
-    for base in ("nf4", "fp8"):
-        row = tr[(base, n, 0, False, 1024)]
-        other = sz["other_params"] * 2 / GIB
-        bpp[base] = round(max(0.3, (row["weights_gib"] - other) / (block_gib * n)), 4)
-    gc_act = full["peak_gib"] - full["weights_gib"]
     c["base_extra_units"] = round(units(1024), 6)
-    c["base_extra"] = {
-        b: round(
-            max(0.0, tr[(b, n, 0, False, 1024)]["peak_gib"] - tr[(b, n, 0, False, 1024)]["weights_gib"] - gc_act), 3
-        )
-        for b in ("nf4", "fp8")
-    }
-    c["t5_stream_base"] = round(max(0.0, st[("T5", "stream x8")]["peak_gib"] - c["t5_act_per8x256"] - fixed), 3)
-    t = cal["time"]
-    t["s_per_step_1024_bf16_full_ckpt"] = full["s_per_step"]
-    t["calibration_blocks"] = n
-    t["checkpoint_overhead"] = round(full["s_per_step"] / nockpt[1024]["s_per_step"] - 1, 3)
     for base in ("nf4", "fp8"):
-        t["base_factor"][base] = round(tr[(base, n, 0, False, 1024)]["s_per_step"] / full["s_per_step"], 3)
-    t["h2d_gbps"] = measured["h2d_gbps"]
-    swap = tr[("bf16", n, n, False, 1024)]
-    copy_s = 2 * n * sz["block_params"] * 2 / (measured["h2d_gbps"] * 1e9)
-    t["swap_overhead_per_block"] = round(max(0.0, swap["s_per_step"] - max(full["s_per_step"], copy_s)) / n, 5)
-    t["activation_offload_factor"] = round(tr[("bf16", n, 0, True, 1024)]["s_per_step"] / full["s_per_step"], 3)
+        r = row(base, n)
+        if r is None:
+            continue
+        other = sz["other_params"] * 2 / GIB
+        bpp[base] = round(max(0.3, (r["weights_gib"] - other) / (block_gib * n)), 4)
+        if full:
+            gc_act = full["peak_gib"] - full["weights_gib"]
+            c["base_extra"][base] = round(max(0.0, r["peak_gib"] - r["weights_gib"] - gc_act), 3)
+            t["base_factor"][base] = round(r["s_per_step"] / full["s_per_step"], 3)
+    if "h2d_gbps" in measured:
+        t["h2d_gbps"] = measured["h2d_gbps"]
+    if full:
+        t["s_per_step_1024_bf16_full_ckpt"] = full["s_per_step"]
+        t["calibration_blocks"] = n
+        if hi:
+            t["checkpoint_overhead"] = round(full["s_per_step"] / hi["s_per_step"] - 1, 3)
+        if swap := row("bf16", n, n):
+            copy_s = 2 * n * sz["block_params"] * 2 / (t["h2d_gbps"] * 1e9)
+            t["swap_overhead_per_block"] = round(max(0.0, swap["s_per_step"] - max(full["s_per_step"], copy_s)) / n, 5)
+        if off := row("bf16", n, offload=True):
+            t["activation_offload_factor"] = round(off["s_per_step"] / full["s_per_step"], 3)
     cal["source"] = (
         f"fitted by sd3booth bench --parts calibrate on {measured.get('device', '?')}, {measured.get('date', '?')}"
     )
@@ -546,17 +567,23 @@ def markdown(result: dict[str, Any]) -> str:
             opt = f"{r['base']}, ckpt {r['checkpoint_blocks']}, swap {r['swap_blocks']}" + (
                 ", act. offload" if r["activation_offload"] else ""
             )
+            if "error" in r:
+                lines.append(f"| {opt} | {r['resolution']} | failed: {r['error']} | | | | |")
+                continue
             lines.append(
                 f"| {opt} | {r['resolution']} | {r['weights_gib']:.2f} | {r['peak_gib']:.2f} | {r['s_per_step']:.3f} | "
                 f"{r.get('output_rel_err', '')} | {r.get('lora_grad_rel_err', '')} |"
             )
         lines += ["", "| stage | option | peak GiB | seconds | cosine vs bf16 |", "|---|---|---|---|---|"]
         for r in cal["stages"]:
+            if "peak_gib" not in r:
+                lines.append(f"| {r['stage']} | {r['option']} | failed: {r.get('error', '?')} | | |")
+                continue
             lines.append(
                 f"| {r['stage']} | {r['option']} | {r['peak_gib']:.2f} | {r.get('seconds', '')} | "
                 f"{r.get('cosine_vs_bf16', '')} |"
             )
-        lines += ["", f"Host-to-device copy (pinned): {cal['h2d_gbps']} GB/s", ""]
+        lines += ["", f"Host-to-device copy (pinned): {cal.get('h2d_gbps', '?')} GB/s", ""]
     if result.get("budgets"):
         lines += [
             "| --max_vram | plan | predicted peak | measured peak (alloc / reserved) | s/step | per-stage peak GiB |",

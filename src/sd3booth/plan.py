@@ -25,6 +25,8 @@ GIB = 2**30
 # T5 options by fidelity to bf16 (bench, H100: stream keeps bf16 weights, cosine 0.99992; int8 0.9989;
 # nf4 0.943); encoding is a one-off of seconds, so fidelity decides among plans of equal step time.
 T5_PREFERENCE = ("bf16", "stream", "cpu", "int8", "nf4")
+# "none" (no T5 at all, zero embeddings as the reference pipeline does) is never chosen, only honoured.
+T5_ORDER = (*T5_PREFERENCE, "none")
 BASE_SPEED_ORDER = ("bf16", "fp8", "nf4")
 
 
@@ -124,7 +126,7 @@ class Plan:
     text_batch: int = 8
     vae_tiling: bool = False
     predicted: dict[str, float] = field(default_factory=dict, compare=False)  # stage -> GiB
-    predicted_s_per_step: float = 0.0
+    predicted_s_per_step: float = field(default=0.0, compare=False)
 
     @property
     def peak(self) -> float:
@@ -238,11 +240,36 @@ def candidates(sizes: ModelSizes, fixed: dict[str, Any]) -> list[Plan]:
     out = []
     for values in itertools.product(*options.values()):
         plan = Plan(**dict(zip(options, values)))
-        k, s = plan.checkpoint_blocks, plan.swap_blocks
-        if (plan.base == "nf4" and s) or s > k or (plan.base == "fp8" and k < n) or (plan.activation_offload and not k):
-            continue  # swapped blocks must be recomputed; fp8 storage only pays with full checkpointing
-        out.append(plan)
+        if not _conflicts(plan, n):
+            out.append(plan)
     return out
+
+
+# flag names of the plan fields, for messages
+FLAGS = {
+    "base": "--base_precision",
+    "checkpoint_blocks": "--checkpoint_blocks/--gradient_checkpointing",
+    "swap_blocks": "--blocks_to_swap",
+    "activation_offload": "--activation_offload",
+    "t5": "--t5_precision",
+    "vae_tiling": "--vae_tiling",
+}
+
+
+def _conflicts(plan: Plan, n: int) -> str | None:
+    """Why a combination cannot run (None when it can): swapped blocks are recomputed, so they need
+    checkpointing; NF4 weights are not swapped; fp8 storage only pays with full checkpointing; activation
+    offload moves what checkpointing saves."""
+    k, s = plan.checkpoint_blocks, plan.swap_blocks
+    if s > k:
+        return f"{FLAGS['swap_blocks']} {s} needs at least as many checkpointed blocks (now {k})"
+    if plan.base == "nf4" and s:
+        return f"{FLAGS['base']} nf4 cannot be combined with {FLAGS['swap_blocks']}"
+    if plan.base == "fp8" and k < n:
+        return f"{FLAGS['base']} fp8 needs every block checkpointed ({k} of {n} now)"
+    if plan.activation_offload and not k:
+        return f"{FLAGS['activation_offload']} needs checkpointed blocks"
+    return None
 
 
 def fixed_settings(cfg: Any, n_blocks: int) -> dict[str, Any]:
@@ -303,18 +330,26 @@ def choose(sizes: ModelSizes, work: Workload, budget_gib: float, cal: dict[str, 
 
     Ties (same step time) go to the plan with faster text encoding and more headroom.
     """
+    fixed = fixed or {}
+    plans = candidates(sizes, fixed)
+    if not plans:  # the user's own settings exclude each other: name them rather than blame the budget
+        probe = Plan(**fixed)
+        reason = _conflicts(probe, sizes.n_blocks) or "no plan satisfies the settings given"
+        given = ", ".join(f"{FLAGS.get(k, k)}={v}" for k, v in fixed.items())
+        raise UserError(
+            f"conflicting memory settings ({given}): {reason}; change one of them or leave it to the planner"
+        )
     fits = []
-    for plan in candidates(sizes, fixed or {}):
+    for plan in plans:
         p = predict(plan, sizes, work, cal)
         if p.peak <= budget_gib * cal["safety"]:
             fits.append(p)
     if not fits:
-        smallest = min((predict(p, sizes, work, cal) for p in candidates(sizes, fixed or {})), key=lambda p: p.peak,
-                       default=None)  # fmt: skip
-        need = f"{smallest.peak:.2f}" if smallest else "?"
+        smallest = min((predict(p, sizes, work, cal) for p in plans), key=lambda p: p.peak)
         raise UserError(
             f"--max_vram {budget_gib:g} GiB is below what this model needs at resolution {work.resolution} "
-            f"(at least {need} GiB predicted); raise --max_vram, lower --resolution or --train_batch_size"
+            f"(at least {smallest.peak / cal['safety']:.2f} GiB predicted with the settings given); raise "
+            "--max_vram, lower --resolution or --train_batch_size, or leave the memory settings to the planner"
         )
-    return min(fits, key=lambda p: (p.predicted_s_per_step, T5_PREFERENCE.index(p.t5), -p.text_batch, p.vae_tiling,
+    return min(fits, key=lambda p: (p.predicted_s_per_step, T5_ORDER.index(p.t5), -p.text_batch, p.vae_tiling,
                                     p.peak))  # fmt: skip
