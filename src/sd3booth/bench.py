@@ -9,6 +9,8 @@ Parts (``--parts``, any of):
                 (model output, LoRA gradient) and of quantised/streamed/CPU T5 (cosine similarity).
 * ``budgets``   the real ``sd3booth train`` CLI, one subprocess per ``--max_vram`` budget, each under a hard
                 cap (``torch.cuda.set_per_process_memory_fraction``), so exceeding the budget fails the run.
+* ``speed``     the training step of our stack (eager and compiled) against the stock stack at batch 1 and 4,
+                model-FLOP utilisation, compiled-vs-eager parity, a profile of each (see bench_speed.py).
 
 Random weights at true size: the numbers say everything about memory and speed, nothing about quality.
 """
@@ -492,6 +494,8 @@ def bench_budgets(
             str(steps),
             "--report_to",
             "none",
+            "--logging_steps",
+            "1",
         ]
         env = dict(os.environ)
         if budget:
@@ -514,6 +518,7 @@ def bench_budgets(
             row["peak_reserved_gib"] = max(s.get("peak_reserved_gib", 0) for s in stages)
             row["stages"] = {s["stage"]: s.get("peak_allocated_gib") for s in stages}
             row["s_per_step"] = round(statistics.median(m["s_per_step"] for m in metrics[2:]), 4)
+            row["first_step_s"] = round(metrics[0]["s_per_step"], 2)  # compilation, when compiled
             row["plan"] = {
                 k: plan[k]
                 for k in (
@@ -604,6 +609,10 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['budget_gib'] or 'default'} | {plan} | {r['predicted_peak_gib']:.2f} | "
                 f"{r['peak_gib']:.2f} / {r['peak_reserved_gib']:.2f} | {r['s_per_step']:.3f} | {stages} |"
             )
+    if result.get("speed"):
+        from sd3booth.bench_speed import markdown_speed
+
+        lines += ["", *markdown_speed(result["speed"])]
     return "\n".join(lines) + "\n"
 
 
@@ -617,6 +626,7 @@ def run_bench(
     steps: int,
     command: str,
     log: Callable[[str], None] = print,
+    long_steps: int = 0,
 ) -> dict[str, Any]:
     import accelerate
     import diffusers
@@ -668,6 +678,14 @@ def run_bench(
         result["budgets"] = bench_budgets(model_dir, out, budgets, resolutions[0], max(steps, 6), arch, log)
         refined = refine_from_budgets(result.get("calibration") or load_calibration(), result["budgets"])
         (out / "calibration.json").write_text(json.dumps(refined, indent=2) + "\n")
+    if "speed" in parts:
+        from sd3booth.bench_speed import bench_speed
+
+        result["speed"] = bench_speed(model_dir, steps, 16, log)
+    if "long" in parts:
+        from sd3booth.bench_speed import bench_long
+
+        result.setdefault("speed", {})["long_run"] = bench_long(model_dir, 16, long_steps or 500, log)
     (out / f"bench-{arch}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"bench-{arch}.md").write_text(markdown(result))
     log(markdown(result))

@@ -87,10 +87,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     p.add_argument("--model_dir", help="Use this model folder instead of writing a random one.")
     p.add_argument("--output_dir", default="bench-out", help="Where results go. [default: bench-out]")
-    p.add_argument("--parts", default="stock,calibrate,budgets", help="Comma list of stock, calibrate, budgets.")
+    p.add_argument(
+        "--parts", default="stock,calibrate,budgets", help="Comma list of stock, calibrate, budgets, speed, long."
+    )
     p.add_argument("--resolutions", default="1024,512", help="Training resolutions; budgets use the first.")
     p.add_argument("--budgets", default="3,4,6,8,12,16,default", help="--max_vram values ('default': none).")
     p.add_argument("--steps", type=int, default=10, help="Timed steps per measurement. [default: 10]")
+    p.add_argument(
+        "--long_steps",
+        type=int,
+        default=0,
+        help="long: steps of the whole timed run of each stack, compilation included. [default: 500]",
+    )
     p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
     p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
     return root, subs
@@ -164,6 +172,7 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
         budgets,
         ns.steps,
         "sd3booth bench " + " ".join(sys.argv[2:]),
+        long_steps=ns.long_steps,
     )
     return 0
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sd3booth import __version__, cache_latents, cache_text, checkpoint, flow, lora, models, sample
+from sd3booth import __version__, cache_latents, cache_text, checkpoint, flow, lora, models, sample, speed
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.plan import plan_for_config
@@ -156,8 +156,14 @@ def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     name = cfg.optimizer_name
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if name == "adamw":
+        # fused: one kernel for all LoRA tensors instead of a dozen per tensor (CUDA only)
         return torch.optim.AdamW(
-            params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
+            params,
+            lr=cfg.learning_rate,
+            betas=betas,
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+            fused=bool(params) and params[0].is_cuda,
         )
     if name == "adamw8bit":
         try:
@@ -259,6 +265,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.lora_dropout, targets)
         models.apply_fp8_storage(transformer, place)
         swapper = models.attach_memory_savers(transformer, place)
+    compiled = None
+    if speed.compile_wanted(cfg.compile, place.device, place.base, place.activation_offload):
+        compiled = speed.CompiledBlocks(transformer.transformer_blocks)
+        say(f"compiling {len(compiled.blocks)} transformer blocks (the first steps include compilation)")
     items = [i for i in range(len(prep.instances)) for _ in range(cfg.repeats)]
     order = DataOrder(len(items), len(prep.classes), cfg.train_batch_size, accelerator.num_processes, seed)
     if order.batches_per_epoch == 0:
@@ -321,14 +331,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             emb = text[prep.text_keys[ex.caption]]
             pes.append(emb.prompt_embeds)
             pps.append(emb.pooled)
-        dev = place.device
-        return torch.stack(zs).to(dev), torch.stack(pes).to(dev), torch.stack(pps).to(dev)
+        dev, pin = place.device, place.device.type == "cuda"
+
+        def to_dev(t: torch.Tensor) -> torch.Tensor:  # pinned + non_blocking: the copy does not wait for the GPU
+            return (t.pin_memory() if pin else t).to(dev, non_blocking=pin)
+
+        return to_dev(torch.stack(zs)), to_dev(torch.stack(pes)), to_dev(torch.stack(pps))
 
     def micro_loss(m: int) -> torch.Tensor:
         x0, prompt_embeds, pooled = make_batch(m)
         idx = flow.sample_indices(
             cfg.weighting_scheme, x0.shape[0], cfg.logit_mean, cfg.logit_std, cfg.mode_scale, num_train_timesteps
-        ).to(place.device)
+        ).to(place.device, non_blocking=True)
         sigma, timesteps = flow.sigmas_and_timesteps(idx, train_sigmas, train_timesteps, x0.ndim)
         noise = torch.randn_like(x0)
         x_t = flow.noisy_latents(x0, noise, sigma)
@@ -346,6 +360,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         per_sample = flow.per_sample_loss(pred, tgt, flow.loss_weighting(cfg.weighting_scheme, sigma))
         return flow.dreambooth_loss(per_sample, n_inst, cfg.prior_loss_weight)
 
+    def attention() -> contextlib.AbstractContextManager:
+        return speed.attention_context(place.device, cfg.attention_backend)
+
     vae_holder: dict[str, Any] = {}
     validation_dirs: list[Path] = []
 
@@ -359,18 +376,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             net.eval()
             pipe = sample.make_pipeline(net, vae, models.load_scheduler(prep.src))
             autocast = place.weight_dtype if place.weight_dtype != torch.float32 else None
-            images = sample.generate(
-                pipe,
-                text[prep.validation_key],
-                text[prep.negative_key],
-                cfg.num_validation_images,
-                seed,
-                cfg.resolution,
-                cfg.num_inference_steps,
-                cfg.guidance_scale,
-                place.device,
-                autocast_dtype=autocast,
-            )
+            with compiled.eager() if compiled else contextlib.nullcontext(), attention():
+                images = sample.generate(
+                    pipe,
+                    text[prep.validation_key],
+                    text[prep.negative_key],
+                    cfg.num_validation_images,
+                    seed,
+                    cfg.resolution,
+                    cfg.num_inference_steps,
+                    cfg.guidance_scale,
+                    place.device,
+                    autocast_dtype=autocast,
+                )
             folder = out / "validation" / f"step-{step}"
             sample.save_images(images, folder)
             validation_dirs.append(folder)
@@ -398,7 +416,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     loss_acc, loss_n, last_loss = torch.zeros((), device=place.device), 0, None
     t_log, step = time.perf_counter(), start
     step_times: list[float] = []
-    with stages.stage("training"):
+    with stages.stage("training"), attention():
         while step < max_steps:
             for micro in range(accum):
                 m = step * accum + micro
@@ -415,7 +433,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             step += 1
             loss_n += 1
             bar.update(1)
-            if step % cfg.logging_steps == 0 or step == max_steps:
+            # a compiled run logs its first step alone: its time is mostly compilation
+            if step % cfg.logging_steps == 0 or step == max_steps or (compiled and step == start + 1):
                 last_loss = (accelerator.reduce(loss_acc, "mean") / loss_n).item()  # the only host sync
                 dt = (time.perf_counter() - t_log) / loss_n
                 step_times.append(dt)
