@@ -127,3 +127,26 @@ def test_at_most_one_block_resident_and_one_in_flight(tiny_model):
     _step(net)
     _step(net)
     assert len(seen) == 24 and max(r for r, _ in seen) == 1 and max(f for _, f in seen) <= 1
+
+
+def test_one_packed_copy_per_block_with_aligned_views(tiny_model):
+    net = _model(tiny_model, layers=2)
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
+    swapper = BlockSwapper(net.transformer_blocks, [0, 1], "cpu")
+    assert all(len(flats) == 1 for flats in swapper.slots.values())  # one dtype: one buffer, one copy
+    with torch.no_grad():
+        net(**_inputs(), return_dict=False)
+    size = {i: sum(f.host.numel() * f.host.element_size() for f in flats) for i, flats in swapper.slots.items()}
+    # blocks 0 and 1, then block 0 again, prefetched for the next call (sampling starts over)
+    assert swapper.stats.bytes_copied == 2 * size[0] + size[1]
+    swapper._fetch(1)
+    swapper._before(1, net.transformer_blocks[1], ())
+    for n, p in net.transformer_blocks[1].named_parameters():
+        if not p.requires_grad and p.numel():
+            assert p.storage_offset() % 64 == 0
+            torch.testing.assert_close(p, before[f"transformer_blocks.1.{n}"], rtol=0, atol=0)
+    swapper.remove()
+    for n, p in net.named_parameters():
+        if n in before:
+            assert p.untyped_storage().nbytes() == p.numel() * p.element_size()  # its own storage again
+            torch.testing.assert_close(p, before[n], rtol=0, atol=0)

@@ -153,7 +153,16 @@ def test_plan_module_imports_without_torch():
 
 # ---- 2. candidates ----------------------------------------------------------------------------------------
 
-SETTINGS = ("base", "checkpoint_blocks", "swap_blocks", "activation_offload", "t5", "text_batch", "vae_tiling")
+SETTINGS = (
+    "base",
+    "checkpoint_blocks",
+    "swap_blocks",
+    "activation_offload",
+    "t5",
+    "text_batch",
+    "vae_tiling",
+    "compiled",
+)
 
 
 def _settings(p: Plan) -> tuple:
@@ -169,6 +178,7 @@ def _obeys_rules(p: Plan, n: int) -> bool:
         and (not p.activation_offload or k > 0)
         and 0 <= k <= n
         and 0 <= s <= n
+        and p.compiled == (p.base == "bf16" and not p.activation_offload)  # unless --compile was given
     )
 
 
@@ -182,7 +192,11 @@ def test_candidates_obey_rules_and_cover_the_grid():
     grid = itertools.product(
         BASE_SPEED_ORDER, (0, 6, 12, 18, 24), range(0, N + 1, 2), (False, True), (8, 1), (False, True)
     )
-    want = {(b, k, s, o, tb, v) for b, k, s, o, tb, v in grid if _obeys_rules(Plan(b, k, s, o), N)}
+    want = {
+        (b, k, s, o, tb, v)
+        for b, k, s, o, tb, v in grid
+        if _obeys_rules(Plan(b, k, s, o, compiled=b == "bf16" and not o), N)
+    }
     got = {(p.base, p.checkpoint_blocks, p.swap_blocks, p.activation_offload, p.text_batch, p.vae_tiling)
            for p in plans}  # fmt: skip
     assert got == want
@@ -199,6 +213,8 @@ def test_candidates_obey_rules_and_cover_the_grid():
         {"checkpoint_blocks": 5, "swap_blocks": 3},  # off the grid: still honoured
         {"base": "fp8", "vae_tiling": True, "activation_offload": False},
         {"swap_blocks": 10},
+        {"compiled": False},
+        {"compiled": True, "base": "nf4"},  # the user's word wins over the default rule
     ],
 )
 def test_candidates_honour_fixed_settings(fixed):
@@ -206,7 +222,7 @@ def test_candidates_honour_fixed_settings(fixed):
     assert plans
     for p in plans:
         assert all(getattr(p, k) == v for k, v in fixed.items()), p
-        assert _obeys_rules(p, N)
+        assert _obeys_rules(dataclasses.replace(p, compiled=p.base == "bf16" and not p.activation_offload), N)
     if fixed.get("base") == "nf4":
         assert all(p.swap_blocks == 0 for p in plans)
     if fixed.get("base") == "fp8":
@@ -336,16 +352,49 @@ def test_choose_fits_budget_and_gets_faster(cal):
     secs = [p.predicted_s_per_step for p in chosen]
     assert all(a >= b for a, b in itertools.pairwise(secs)), secs
     assert secs[0] > secs[-1]
-    # with room for everything: the fastest plan of all, full-precision T5, whole images
+    # with room for everything: the fastest plan of all, compiled, whole images; of the plans of that step
+    # time, the lowest peak: T5 streamed (bf16 weights), whose stage stays under the training stage
     fastest = min(predict(p, SD3M, work(), cal).predicted_s_per_step for p in candidates(SD3M, {}))
     big = choose(SD3M, work(), 80, cal)
     assert big.predicted_s_per_step == fastest
-    assert (big.base, big.checkpoint_blocks, big.swap_blocks, big.t5, big.vae_tiling) == ("bf16", 0, 0, "bf16", False)
+    assert (big.base, big.checkpoint_blocks, big.swap_blocks, big.t5, big.vae_tiling, big.compiled) == (
+        "bf16", 0, 0, "stream", False, True
+    )  # fmt: skip
+    assert big.peak == big.predicted["training"]
+    same_time = [
+        q for p in candidates(SD3M, {}) if (q := predict(p, SD3M, work(), cal)).predicted_s_per_step == fastest
+    ]
+    assert big.peak == min(q.peak for q in same_time) < predict(replace_t5(big, "bf16"), SD3M, work(), cal).peak
     # every candidate that fits is no faster than the choice
     for p in candidates(SD3M, {}):
         q = predict(p, SD3M, work(), cal)
         if q.peak <= 6 * cal["safety"]:
             assert q.predicted_s_per_step >= chosen[2].predicted_s_per_step
+
+
+def replace_t5(p: Plan, t5: str) -> Plan:
+    return dataclasses.replace(p, t5=t5, predicted={})
+
+
+def test_predict_compiled_is_faster_and_saves_activations(cal):
+    for k in (0, N // 2, N):
+        eager, comp = _train(cal, checkpoint_blocks=k), _train(cal, checkpoint_blocks=k, compiled=True)
+        assert comp.predicted["training"] < eager.predicted["training"]
+        assert comp.predicted_s_per_step < eager.predicted_s_per_step
+        ratio = comp.predicted_s_per_step / eager.predicted_s_per_step
+        lo, hi = sorted((cal["time"]["compiled_factor_none"], cal["time"]["compiled_factor_all"]))
+        assert lo - 1e-3 <= ratio <= hi + 1e-3
+    # the measured fact behind the default: a compiled, uncheckpointed SD3 Medium step needs under 8 GiB
+    assert _train(cal, compiled=True).predicted["training"] < 8 < _train(cal).predicted["training"]
+
+
+def test_default_budget_plan_is_fast_and_under_8_gib(cal):
+    p = choose(SD3M, work(), default_budget(80), cal)
+    assert (p.checkpoint_blocks, p.swap_blocks, p.compiled, p.t5) == (0, 0, True, "stream")
+    assert p.peak < 8
+    eager = choose(SD3M, work(), default_budget(80), cal, {"compiled": False})  # --no-compile
+    assert eager.checkpoint_blocks == 0 and not eager.compiled
+    assert eager.predicted_s_per_step > p.predicted_s_per_step
 
 
 def test_choose_too_small_budget_names_max_vram(cal):
@@ -388,7 +437,9 @@ def test_plan_for_config_cpu_uses_fixed_settings_only(tiny_model, cal):
     assert plan.predicted and "T5" not in plan.predicted and plan.predicted_s_per_step > 0
 
     plan, _ = plan_for_config(_cfg(tiny_model), tiny_model, None)
-    assert _settings(plan) == _settings(Plan())  # nothing fixed: the defaults, T5 bf16
+    assert _settings(plan) == _settings(Plan())  # nothing fixed: the defaults, T5 bf16, not compiled
+    plan, _ = plan_for_config(_cfg(tiny_model, compile=True), tiny_model, None)
+    assert plan.compiled  # --compile on the CPU is honoured
     plan, _ = plan_for_config(
         _cfg(tiny_model, base_precision="fp8", checkpoint_blocks=1, blocks_to_swap=99, vae_tiling=True),
         tiny_model,
@@ -423,6 +474,48 @@ def test_plan_for_config_gpu_budgets(tiny_model, cal):
 def test_plan_for_config_gpu_t5_none(tiny_model):
     plan, _ = plan_for_config(_cfg(tiny_model, t5_precision="none"), tiny_model, 24.0)
     assert plan.t5 == "none"
+
+
+def test_plan_for_config_gpu_compile(tiny_model):
+    assert plan_for_config(_cfg(tiny_model), tiny_model, 24.0)[0].compiled  # CUDA + bf16: on by default
+    assert not plan_for_config(_cfg(tiny_model, compile=False), tiny_model, 24.0)[0].compiled
+    assert not plan_for_config(_cfg(tiny_model, base_precision="nf4"), tiny_model, 24.0)[0].compiled
+    assert plan_for_config(_cfg(tiny_model, base_precision="nf4", compile=True), tiny_model, 24.0)[0].compiled
+
+
+def test_fit_compiled_recovers_coefficients():
+    from sd3booth.bench_speed import fit_compiled
+
+    truth = copy.deepcopy(load_calibration())
+    truth["coefficients"].update(act_full_compiled=20.0, act_checkpointed_compiled=1.5)
+    truth["time"].update(
+        compiled_factor_none=0.5, compiled_factor_all=0.4, launch_bound_fraction=0.4, launch_bound_fraction_compiled=0.6
+    )
+    wl = work(optimizer="adamw", validation=False)
+    rows = []
+    for k, label in ((0, "none"), (N, "all")):
+        for compiled in (False, True):
+            p = predict(Plan(checkpoint_blocks=k, compiled=compiled), SD3M, wl, truth)
+            rows.append({"stack": "ours compiled" if compiled else "ours eager", "batch": 1, "checkpointing": label,
+                         "peak_gib": p.predicted["training"], "s_per_step": p.predicted_s_per_step})  # fmt: skip
+    for compiled in (False, True):  # batch 4: time share of 4x the tokens
+        p = predict(Plan(compiled=compiled), SD3M, dataclasses.replace(wl, batch=4), truth)
+        rows.append({"stack": "ours compiled" if compiled else "ours eager", "batch": 4, "checkpointing": "none",
+                     "peak_gib": p.predicted["training"], "s_per_step": p.predicted_s_per_step})  # fmt: skip
+    rows.append({"stack": "stock", "batch": 1, "checkpointing": "all", "peak_gib": 9.0, "s_per_step": 1.0})
+    start = copy.deepcopy(load_calibration())
+    for key in ("act_full_compiled", "act_checkpointed_compiled"):
+        start["coefficients"].pop(key)
+    fit = fit_compiled(start, {"rows": rows, "device": "Test GPU", "date": "2026-01-01"}, SD3M.hidden, N, wl.tokens)
+    assert fit["coefficients"]["act_full_compiled"] == pytest.approx(20.0, abs=0.05)
+    assert fit["coefficients"]["act_checkpointed_compiled"] == pytest.approx(1.5, abs=0.05)
+    assert fit["time"]["compiled_factor_none"] == pytest.approx(0.5, abs=2e-3)
+    assert fit["time"]["compiled_factor_all"] == pytest.approx(0.4, abs=2e-3)
+    assert fit["time"]["launch_bound_fraction"] == pytest.approx(0.4, abs=2e-3)
+    assert fit["time"]["launch_bound_fraction_compiled"] == pytest.approx(0.6, abs=2e-3)
+    assert "Test GPU" in fit["compiled_source"]
+    # rows missing: the calibration is returned unchanged
+    assert fit_compiled(copy.deepcopy(start), {"rows": rows[:2]}, SD3M.hidden, N, wl.tokens) == start
 
 
 # ---- 6. fit_calibration ------------------------------------------------------------------------------------
@@ -461,7 +554,9 @@ def _truth_calibration() -> dict:
     cal["coefficients"]["base_extra"] = dict(TRUTH_BASE_EXTRA)
     cal["coefficients"]["base_extra_units"] = _units(1024, SD3M.hidden)
     cal["bytes_per_param"].update(TRUTH_BPP)
-    cal["time"].update(TRUTH_TIME, calibration_blocks=N, launch_bound_fraction=1.0)
+    # batch scaling and compiled terms come from `bench --parts speed` (fit_compiled), not from this fit: the
+    # truth shares them with the packaged calibration the fit starts from
+    cal["time"].update(TRUTH_TIME, calibration_blocks=N)
     cal["time"]["base_factor"].update(TRUTH_BASE_FACTOR)
     return cal
 
@@ -595,9 +690,9 @@ def _result() -> dict:
         "budgets": [
             {"arch": "sd3-medium", "budget_gib": 6.0, "resolution": 1024, "rc": 0, "wall_s": 60.0,
              "peak_gib": 5.1, "peak_reserved_gib": 5.6, "stages": {"training": 5.1, "T5": None, "VAE encode": 1.7},
-             "s_per_step": 0.34, "predicted_peak_gib": 5.4,
+             "s_per_step": 0.34, "predicted_peak_gib": 5.4, "predicted_s_per_step": 0.3, "first_step_s": 25.1,
              "plan": {"base": "bf16", "checkpoint_blocks": 18, "swap_blocks": 0, "activation_offload": False,
-                      "t5": "stream", "text_batch": 8, "vae_tiling": True}},
+                      "t5": "stream", "text_batch": 8, "vae_tiling": True, "compiled": True}},
             {"arch": "sd3-medium", "budget_gib": 2.0, "resolution": 1024, "rc": 1, "wall_s": 3.0,
              "error": "UserError: --max_vram 2 GiB is below what this model needs"},
             {"arch": "sd3-medium", "budget_gib": None, "resolution": 1024, "rc": 0, "wall_s": 50.0,
@@ -641,12 +736,13 @@ def test_markdown_renders_every_row():
     assert any(x.startswith("| VAE decode | tiled | ") and x.endswith("|  |  |") for x in lines)
     assert f"Host-to-device copy (pinned): {TRUTH_TIME['h2d_gbps']} GB/s" in lines
     assert (
-        "| 6.0 | bf16, ckpt 18, swap 0, T5 stream, VAE tiled | 5.40 | 5.10 / 5.60 | 0.340 | "
+        "| 6.0 | bf16, ckpt 18, swap 0, T5 stream, VAE tiled, compiled | 5.40 | 5.10 / 5.60 | 0.340 (0.300) | 25.1 | "
         "training 5.10, VAE encode 1.70 |" in lines
     )
-    assert "| 2.0 | failed: UserError: --max_vram 2 GiB is below what this model needs | | | | |" in lines
-    assert "| default | nf4, ckpt 24, swap 0, T5 bf16, act. offload | 9.07 | 9.00 / 9.50 | 0.250 | training 9.00 |" in (
-        lines
+    assert "| 2.0 | failed: UserError: --max_vram 2 GiB is below what this model needs | | | | | |" in lines
+    assert (
+        "| default | nf4, ckpt 24, swap 0, T5 bf16, act. offload | 9.07 | 9.00 / 9.50 | 0.250 |  | training 9.00 |"
+        in lines
     )
 
 

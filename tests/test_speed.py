@@ -21,17 +21,6 @@ from sd3booth.offload import BlockSwapper, selective_checkpointing
 FAST = ["--resolution", "64", "--num_inference_steps", "2", "--report_to", "none", "--seed", "0", "--rank", "4"]
 
 
-def test_compile_wanted_defaults():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert speed.compile_wanted(None, cuda, "bf16", False)
-    assert not speed.compile_wanted(None, cpu, "bf16", False)
-    assert not speed.compile_wanted(None, cuda, "nf4", False)
-    assert not speed.compile_wanted(None, cuda, "fp8", False)
-    assert not speed.compile_wanted(None, cuda, "bf16", True)
-    assert speed.compile_wanted(True, cpu, "nf4", True)  # the user's word wins
-    assert not speed.compile_wanted(False, cuda, "bf16", False)
-
-
 def test_attention_backends_order():
     from torch.nn.attention import SDPBackend
 
@@ -161,3 +150,23 @@ def test_train_compiled_matches_eager(tiny_model, tmp_path, monkeypatch):
     steps = [json.loads(x)["step"] for x in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]
     assert len(list((tmp_path / "compiled" / "validation" / "step-2").glob("*.png"))) == 1
+
+
+def test_profile_summary_and_step_profiler_on_cpu(tmp_path):
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            (x @ x).relu()
+    s = speed.profile_summary(prof, 0.5, 2)
+    assert s["steps"] == 2 and s["wall_s_per_step"] == 0.25
+    assert s["kernels_per_step"] == 0 and s["gpu_busy_fraction"] == 0.0  # no CUDA kernels on the CPU
+    assert any("mm" in op["name"] for op in s["top_cpu_ops"])
+    assert all(op["calls_per_step"] > 0 for op in s["top_cpu_ops"])
+    # a CPU run never profiles (it needs CUDA events); unset it does nothing either
+    for spec in ("1:2", None):
+        p = speed.StepProfiler(spec, torch.device("cpu"), tmp_path / "profile.json", print)
+        for step in range(1, 5):
+            p.step(step)
+        assert not (tmp_path / "profile.json").exists()

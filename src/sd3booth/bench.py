@@ -442,6 +442,7 @@ def bench_budgets(
     steps: int,
     arch: str,
     log: Callable[[str], None],
+    optimizer: str = "adamw8bit",
 ) -> list[dict[str, Any]]:
     from sd3booth.data import write_demo_like_dataset
 
@@ -452,6 +453,9 @@ def bench_budgets(
     for budget in budgets:
         name = f"budget-{budget:g}" if budget else "default"
         run = out / name
+        # the loss is read back (a host sync) only at log steps, as in a real run; a compiled run logs its
+        # first step (compilation) alone
+        log_every = 5 if steps >= 15 else 1
         cmd = [
             sys.executable,
             "-m",
@@ -477,7 +481,7 @@ def bench_budgets(
             "--rank",
             "16",
             "--optimizer",
-            "adamw8bit",
+            optimizer,
             "--seed",
             "0",
             "--lr_warmup_steps",
@@ -495,7 +499,7 @@ def bench_budgets(
             "--report_to",
             "none",
             "--logging_steps",
-            "1",
+            str(log_every),
         ]
         env = dict(os.environ)
         if budget:
@@ -506,6 +510,7 @@ def bench_budgets(
         row: dict[str, Any] = {
             "arch": arch,
             "budget_gib": budget,
+            "optimizer": optimizer,
             "resolution": resolution,
             "rc": r.returncode,
             "wall_s": round(time.perf_counter() - t0, 1),
@@ -517,8 +522,12 @@ def bench_budgets(
             row["peak_gib"] = max(s.get("peak_allocated_gib", 0) for s in stages)
             row["peak_reserved_gib"] = max(s.get("peak_reserved_gib", 0) for s in stages)
             row["stages"] = {s["stage"]: s.get("peak_allocated_gib") for s in stages}
-            row["s_per_step"] = round(statistics.median(m["s_per_step"] for m in metrics[2:]), 4)
-            row["first_step_s"] = round(metrics[0]["s_per_step"], 2)  # compilation, when compiled
+            # per-interval step times; the first interval holds the warm-up (and compilation, when compiled)
+            row["s_per_step"] = round(
+                statistics.median(m["s_per_step"] for m in metrics[1 if log_every > 1 else 2 :]), 4
+            )
+            if metrics[0]["step"] == 1:  # logged alone: compiled runs, or logging every step
+                row["first_step_s"] = round(metrics[0]["s_per_step"], 2)
             row["plan"] = {
                 k: plan[k]
                 for k in (
@@ -529,8 +538,10 @@ def bench_budgets(
                     "t5",
                     "text_batch",
                     "vae_tiling",
+                    "compiled",
                 )
             }
+            row["predicted_s_per_step"] = plan["predicted_s_per_step"]
             row["predicted_peak_gib"] = max(plan["predicted"].values())
             row["predicted"] = plan["predicted"]
         else:
@@ -591,23 +602,27 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Host-to-device copy (pinned): {cal.get('h2d_gbps', '?')} GB/s", ""]
     if result.get("budgets"):
         lines += [
-            "| --max_vram | plan | predicted peak | measured peak (alloc / reserved) | s/step | per-stage peak GiB |",
-            "|---|---|---|---|---|---|",
+            "| --max_vram | plan | predicted peak | measured peak (alloc / reserved) | s/step (predicted) "
+            "| first step s | per-stage peak GiB |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in result["budgets"]:
             if r["rc"] != 0:
-                lines.append(f"| {r['budget_gib'] or 'default'} | failed: {r.get('error', '')} | | | | |")
+                lines.append(f"| {r['budget_gib'] or 'default'} | failed: {r.get('error', '')} | | | | | |")
                 continue
             p = r["plan"]
             plan = (
                 f"{p['base']}, ckpt {p['checkpoint_blocks']}, swap {p['swap_blocks']}, T5 {p['t5']}"
                 + (", act. offload" if p["activation_offload"] else "")
                 + (", VAE tiled" if p["vae_tiling"] else "")
+                + (", compiled" if p.get("compiled") else "")
             )
+            predicted_s = f" ({r['predicted_s_per_step']:.3f})" if "predicted_s_per_step" in r else ""
             stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items() if v is not None)
             lines.append(
                 f"| {r['budget_gib'] or 'default'} | {plan} | {r['predicted_peak_gib']:.2f} | "
-                f"{r['peak_gib']:.2f} / {r['peak_reserved_gib']:.2f} | {r['s_per_step']:.3f} | {stages} |"
+                f"{r['peak_gib']:.2f} / {r['peak_reserved_gib']:.2f} | {r['s_per_step']:.3f}{predicted_s} | "
+                f"{r.get('first_step_s', '')} | {stages} |"
             )
     if result.get("speed"):
         from sd3booth.bench_speed import markdown_speed
@@ -627,6 +642,7 @@ def run_bench(
     command: str,
     log: Callable[[str], None] = print,
     long_steps: int = 0,
+    optimizer: str = "adamw8bit",
 ) -> dict[str, Any]:
     import accelerate
     import diffusers
@@ -675,13 +691,19 @@ def run_bench(
         (out / "calibration.json").write_text(json.dumps(cal, indent=2) + "\n")
         result["calibration"] = cal
     if "budgets" in parts:
-        result["budgets"] = bench_budgets(model_dir, out, budgets, resolutions[0], max(steps, 6), arch, log)
+        result["budgets"] = bench_budgets(model_dir, out, budgets, resolutions[0], max(steps, 6), arch, log, optimizer)
         refined = refine_from_budgets(result.get("calibration") or load_calibration(), result["budgets"])
         (out / "calibration.json").write_text(json.dumps(refined, indent=2) + "\n")
     if "speed" in parts:
-        from sd3booth.bench_speed import bench_speed
+        from sd3booth.bench_speed import bench_speed, fit_compiled
+        from sd3booth.plan import read_sizes
 
         result["speed"] = bench_speed(model_dir, steps, 16, log)
+        speed = {**result["speed"], "device": result["device"], "date": result["date"]}
+        base = json.loads((out / "calibration.json").read_text()) if (out / "calibration.json").is_file() else None
+        n = read_sizes(model_dir).n_blocks
+        cal = fit_compiled(base or load_calibration(), speed, result["speed"]["hidden"], n, result["speed"]["tokens"])
+        (out / "calibration.json").write_text(json.dumps(cal, indent=2) + "\n")
     if "long" in parts:
         from sd3booth.bench_speed import bench_long
 

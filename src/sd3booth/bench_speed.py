@@ -13,6 +13,7 @@ Measured on synthetic device-resident inputs (as the stock numbers are), batch 1
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -152,30 +153,9 @@ def _profile(stack: _Stack, batch: int, steps: int = 3) -> dict[str, Any]:
             stack.step(inp)
         _sync()
         wall = time.perf_counter() - t0
-    kernels, syncs, per_name = [], 0, {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            start = e.time_range.start
-            kernels.append((start, start + e.time_range.elapsed_us()))
-            per_name[e.name] = per_name.get(e.name, 0.0) + e.time_range.elapsed_us()
-        elif e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"):
-            syncs += 1
-    kernels.sort()
-    busy, end = 0.0, float("-inf")
-    for a, b in kernels:
-        if b > end:
-            busy += b - max(a, end)
-            end = b
-    total = sum(per_name.values()) or 1.0
-    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:8]
-    return {
-        "steps": steps,
-        "wall_s_per_step": round(wall / steps, 4),
-        "gpu_busy_fraction": round(busy / 1e6 / wall, 3),
-        "kernels_per_step": len(kernels) // steps,
-        "host_syncs_per_step": round((syncs - 1) / steps, 2),  # less the one that ends the profiled window
-        "top_kernels": [{"name": n[:90], "share": round(t / total, 3)} for n, t in top],
-    }
+    from sd3booth.speed import profile_summary
+
+    return profile_summary(prof, wall, steps)
 
 
 def _parity(model_dir: Path, rank: int, steps: int = 10) -> dict[str, float]:
@@ -227,9 +207,12 @@ def bench_long(model_dir: Path, rank: int, long_steps: int, log: Callable[[str],
 def bench_speed(model_dir: Path, steps: int, rank: int, log: Callable[[str], None]) -> dict[str, Any]:
     from sd3booth.plan import read_sizes
 
-    n = read_sizes(model_dir).n_blocks
+    sizes = read_sizes(model_dir)
+    n = sizes.n_blocks
     rows: list[dict[str, Any]] = []
-    result: dict[str, Any] = {"rows": rows, "peak_tflops": PEAK_TFLOPS}
+    cfg = json.loads((model_dir / "transformer" / "config.json").read_text())
+    tokens = (cfg["sample_size"] * 8 // 16) ** 2 + 2 * 77  # image patches + CLIP and T5 tokens of _inputs
+    result: dict[str, Any] = {"rows": rows, "peak_tflops": PEAK_TFLOPS, "tokens": tokens, "hidden": sizes.hidden}
 
     def record(name: str, stack: _Stack, batch: int, ckpt: str, **extra: Any) -> dict[str, Any]:
         row = {"stack": name, "batch": batch, "checkpointing": ckpt, **_timed(stack, batch, steps), **extra}
@@ -269,6 +252,36 @@ def bench_speed(model_dir: Path, steps: int, rank: int, log: Callable[[str], Non
     result["parity"] = _parity(model_dir, rank)
     log(f"parity {result['parity']}")
     return result
+
+
+def fit_compiled(cal: dict[str, Any], speed: dict[str, Any], hidden: int, n_blocks: int, tokens: int) -> dict[str, Any]:
+    """The planner's terms for compiled blocks, from the batch-1 rows of ``bench_speed`` (ours, eager vs
+    compiled, without and with full checkpointing): step-time ratios, and the activation coefficients implied
+    by the peak each compiled stack saves over its eager twin (same weights, LoRA and optimiser)."""
+    rows = {(r["stack"], r["checkpointing"]): r for r in speed.get("rows", []) if r["batch"] == 1}
+    need = [(s, k) for s in ("ours eager", "ours compiled") for k in ("none", "all")]
+    if any(key not in rows for key in need):
+        return cal
+    c, t = cal["coefficients"], cal["time"]
+    units = tokens * hidden / GIB
+    saved_none = rows["ours eager", "none"]["peak_gib"] - rows["ours compiled", "none"]["peak_gib"]
+    saved_all = rows["ours eager", "all"]["peak_gib"] - rows["ours compiled", "all"]["peak_gib"]
+    full_drop = saved_none / (units * n_blocks)  # every block saves its full activations
+    c["act_full_compiled"] = round(c["act_full"] - full_drop, 3)
+    # all checkpointed: each block keeps its inputs, and one block at a time is recomputed in full
+    c["act_checkpointed_compiled"] = round(c["act_checkpointed"] - (saved_all / units - full_drop) / n_blocks, 3)
+    for k in ("none", "all"):
+        ratio = rows["ours compiled", k]["s_per_step"] / rows["ours eager", k]["s_per_step"]
+        t[f"compiled_factor_{k}"] = round(ratio, 3)
+    # batch 4 against batch 1 (no checkpointing): what share of 4x the tokens shows up as time
+    b4 = {r["stack"]: r for r in speed["rows"] if r["batch"] == 4 and r["checkpointing"] == "none"}
+    for stack, key in (("ours eager", "launch_bound_fraction"), ("ours compiled", "launch_bound_fraction_compiled")):
+        if stack in b4:
+            t[key] = round(b4[stack]["s_per_step"] / rows[stack, "none"]["s_per_step"] / 4, 3)
+    cal["compiled_source"] = (
+        f"fitted by sd3booth bench --parts speed on {speed.get('device', '?')}, {speed.get('date', '?')}"
+    )
+    return cal
 
 
 def markdown_speed(res: dict[str, Any]) -> list[str]:

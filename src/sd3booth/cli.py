@@ -99,6 +99,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         default=0,
         help="long: steps of the whole timed run of each stack, compilation included. [default: 500]",
     )
+    p.add_argument(
+        "--optimizer",
+        default="adamw8bit",
+        choices=["adamw", "adamw8bit", "prodigy"],
+        help="budgets: the optimizer of the train runs (the stock recipe's, unless told). [default: adamw8bit]",
+    )
     p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
     p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
     return root, subs
@@ -173,6 +179,7 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
         ns.steps,
         "sd3booth bench " + " ".join(sys.argv[2:]),
         long_steps=ns.long_steps,
+        optimizer=ns.optimizer,
     )
     return 0
 

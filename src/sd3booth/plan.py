@@ -30,6 +30,14 @@ T5_ORDER = (*T5_PREFERENCE, "none")
 BASE_SPEED_ORDER = ("bf16", "fp8", "nf4")
 
 
+def compile_by_default(base: str, activation_offload: bool) -> bool:
+    """Whether a plan compiles its blocks when ``--compile`` is not given (on a CUDA device): with bf16 weights
+    and without activation offload. NF4/fp8 bases dequantise in hooks inside the block, which break the
+    graph; activation offload's saved-tensor hooks are not traceable (each block would fall back to eager
+    after paying the compilation)."""
+    return base == "bf16" and not activation_offload
+
+
 # ---- what the checkpoint holds (headers only) ----------------------------------------------------------
 
 
@@ -125,6 +133,7 @@ class Plan:
     t5: str = "bf16"
     text_batch: int = 8
     vae_tiling: bool = False
+    compiled: bool = False  # transformer blocks under torch.compile (speed.CompiledBlocks)
     predicted: dict[str, float] = field(default_factory=dict, compare=False)  # stage -> GiB
     predicted_s_per_step: float = field(default=0.0, compare=False)
 
@@ -140,6 +149,7 @@ class Plan:
             f"  checkpointing        {self.checkpoint_blocks} block(s){offload}",
             f"  T5                   {self.t5}, text batch {self.text_batch}",
             f"  VAE                  {'tiled' if self.vae_tiling else 'whole images'}",
+            f"  blocks               {'compiled' if self.compiled else 'eager'}",
             "  predicted peak GiB   " + ", ".join(f"{k} {v:.2f}" for k, v in self.predicted.items()),
             f"  predicted s/step     {self.predicted_s_per_step:.3f} (relative to the calibration GPU)",
         ]  # fmt: skip
@@ -179,8 +189,11 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     opt_bytes = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}[work.optimizer]
     lora = work.lora_params * (4 + 4 + opt_bytes) / GIB
     units = work.batch * work.tokens * sizes.hidden / GIB  # GiB per byte-per-unit coefficient
-    saved_ckpt = 0.0 if plan.activation_offload else c["act_checkpointed"] * k
-    act = units * (c["act_full"] * (n - k) + saved_ckpt + (c["act_full"] if k else 0.0))
+    # compiled blocks save fewer intermediates (inductor fuses the elementwise work between matmuls)
+    full = c["act_full_compiled"] if plan.compiled else c["act_full"]
+    per_ckpt = c["act_checkpointed_compiled"] if plan.compiled else c["act_checkpointed"]
+    saved_ckpt = 0.0 if plan.activation_offload else per_ckpt * k
+    act = units * (full * (n - k) + saved_ckpt + (full if k else 0.0))
     stages: dict[str, float] = {}
     text_units = plan.text_batch / 8
     stages["CLIP-L"] = _weight_gib(sizes.clip_l_params, "bf16", cal) + c["clip_l_act_per8"] * text_units + c["fixed"]
@@ -205,15 +218,19 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
         stages["validation"] = resident + lora + max(sample_act, decode) + c["fixed"]
     t = cal["time"]
     # The batch-1 step is bound by kernel launches, so time follows the block count more than the FLOPs
-    # (measured: SD3.5 Large 0.659 s vs SD3 Medium 0.385 s, 38 vs 24 blocks).
+    # (measured: SD3.5 Large 0.659 s vs SD3 Medium 0.385 s, 38 vs 24 blocks); more tokens per step than a
+    # 1024 px image cost less than their share (batch 4 measured 1.41x batch 1 eager, 2.0x compiled).
+    fraction = t["launch_bound_fraction_compiled"] if plan.compiled else t["launch_bound_fraction"]
     base_t = (
         t["s_per_step_1024_bf16_full_ckpt"]
         * n
         / t["calibration_blocks"]
-        * max(1.0, (work.batch * work.tokens) / (4096 + 154) * t["launch_bound_fraction"])
+        * max(1.0, (work.batch * work.tokens) / (4096 + 154) * fraction)
     )
     ckpt_factor = 1 / (1 + t["checkpoint_overhead"]) * (1 + t["checkpoint_overhead"] * k / n)
     seconds = base_t * ckpt_factor * t["base_factor"][plan.base]
+    if plan.compiled:  # compiled/eager step time, measured without and with full checkpointing
+        seconds *= t["compiled_factor_none"] + (t["compiled_factor_all"] - t["compiled_factor_none"]) * k / n
     copy_s = 2 * s * sizes.block_params * cal["bytes_per_param"][plan.base] / (t["h2d_gbps"] * 1e9)
     seconds = max(seconds, copy_s) + t["swap_overhead_per_block"] * s
     if plan.activation_offload:
@@ -240,6 +257,8 @@ def candidates(sizes: ModelSizes, fixed: dict[str, Any]) -> list[Plan]:
     out = []
     for values in itertools.product(*options.values()):
         plan = Plan(**dict(zip(options, values)))
+        if "compiled" not in fixed:
+            plan = replace(plan, compiled=compile_by_default(plan.base, plan.activation_offload))
         if not _conflicts(plan, n):
             out.append(plan)
     return out
@@ -253,6 +272,7 @@ FLAGS = {
     "activation_offload": "--activation_offload",
     "t5": "--t5_precision",
     "vae_tiling": "--vae_tiling",
+    "compiled": "--compile",
 }
 
 
@@ -289,6 +309,8 @@ def fixed_settings(cfg: Any, n_blocks: int) -> dict[str, Any]:
         fixed["vae_tiling"] = cfg.vae_tiling
     if cfg.t5_precision != "auto":
         fixed["t5"] = cfg.t5_precision
+    if cfg.compile is not None:
+        fixed["compiled"] = cfg.compile
     return fixed
 
 
@@ -317,8 +339,8 @@ def plan_for_config(
         validation=bool(cfg.validation_prompt),
         class_images=cfg.with_prior_preservation,
     )
-    if device_total_gib is None:
-        plan = Plan(**{"t5": "bf16", **fixed})
+    if device_total_gib is None:  # the CPU: nothing compiles unless asked (its cost is never won back there)
+        plan = Plan(**{"t5": "bf16", "compiled": False, **fixed})
         return predict(plan, sizes, work, cal), 0.0
     budget = cfg.max_vram if cfg.max_vram is not None else default_budget(device_total_gib)
     return choose(sizes, work, budget, cal, fixed), budget
@@ -328,7 +350,9 @@ def choose(sizes: ModelSizes, work: Workload, budget_gib: float, cal: dict[str, 
            fixed: dict[str, Any] | None = None) -> Plan:  # fmt: skip
     """The plan with the least predicted s/step whose every stage is predicted to fit the budget.
 
-    Ties (same step time) go to the plan with faster text encoding and more headroom.
+    Among plans of the same step time the lower peak wins (on the default 16 GB budget this streams T5,
+    1.3 GiB under the bf16 T5 stage for a second of encoding, with bf16 weights), then T5 fidelity, the
+    larger text batch and whole-image VAE work.
     """
     fixed = fixed or {}
     plans = candidates(sizes, fixed)
@@ -351,5 +375,5 @@ def choose(sizes: ModelSizes, work: Workload, budget_gib: float, cal: dict[str, 
             f"(at least {smallest.peak / cal['safety']:.2f} GiB predicted with the settings given); raise "
             "--max_vram, lower --resolution or --train_batch_size, or leave the memory settings to the planner"
         )
-    return min(fits, key=lambda p: (p.predicted_s_per_step, T5_ORDER.index(p.t5), -p.text_batch, p.vae_tiling,
-                                    p.peak))  # fmt: skip
+    return min(fits, key=lambda p: (p.predicted_s_per_step, p.peak, T5_ORDER.index(p.t5), -p.text_batch,
+                                    p.vae_tiling))  # fmt: skip

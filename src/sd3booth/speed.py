@@ -23,18 +23,6 @@ from torch import nn
 BACKEND_ENV = "SD3BOOTH_COMPILE_BACKEND"
 
 
-def compile_wanted(setting: bool | None, device: torch.device, base: str, activation_offload: bool) -> bool:
-    """``--compile`` as given, or (unset) on where it was measured to help: CUDA with bf16 weights.
-
-    Off by default on the CPU (compile time is never won back in a short CPU run), for NF4/fp8 bases (their
-    dequantising hooks sit inside the block and break the graph) and with activation offload (saved-tensor
-    hooks are not traceable, each block would fall back to eager after paying the compile).
-    """
-    if setting is not None:
-        return setting
-    return device.type == "cuda" and base == "bf16" and not activation_offload
-
-
 class CompiledBlocks:
     """Compiles the ``forward`` of each block in place; ``eager()`` lends the original forwards back."""
 
@@ -103,3 +91,75 @@ def attention_context(device: torch.device, choice: str = "auto") -> contextlib.
         return sdpa_kernel(backends, set_priority=True)
     except TypeError:  # torch without priorities: restrict to the list, which still allows the fallbacks
         return sdpa_kernel(backends)
+
+
+def profile_summary(prof: Any, wall_s: float, steps: int) -> dict[str, Any]:
+    """GPU busy fraction (union of kernel intervals over wall time), top kernels and host syncs per step."""
+    kernels, syncs, per_name = [], 0, {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            start = e.time_range.start
+            kernels.append((start, start + e.time_range.elapsed_us()))
+            per_name[e.name] = per_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+        elif e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"):
+            syncs += 1
+    kernels.sort()
+    busy, end = 0.0, float("-inf")
+    for a, b in kernels:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    total = sum(per_name.values()) or 1.0
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:8]
+    cpu = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:10]
+    return {
+        "steps": steps,
+        "wall_s_per_step": round(wall_s / steps, 4),
+        "gpu_busy_fraction": round(busy / 1e6 / wall_s, 3) if wall_s else 0.0,
+        "kernels_per_step": len(kernels) // max(steps, 1),
+        "host_syncs_per_step": round(max(syncs - 1, 0) / max(steps, 1), 2),  # less the one ending the window
+        "top_kernels": [{"name": n[:90], "share": round(t / total, 3)} for n, t in top],
+        "top_cpu_ops": [
+            {
+                "name": a.key[:90],
+                "self_ms_per_step": round(a.self_cpu_time_total / 1e3 / max(steps, 1), 2),
+                "calls_per_step": round(a.count / max(steps, 1), 1),
+            }
+            for a in cpu
+        ],  # fmt: skip
+    }
+
+
+class StepProfiler:
+    """``SD3BOOTH_PROFILE=START:COUNT`` profiles training steps START+1..START+COUNT of a real run (CUDA only)
+    and writes their summary (``profile_summary``) to ``path``; a no-op otherwise."""
+
+    def __init__(self, spec: str | None, device: torch.device, path: Any, log: Any) -> None:
+        self.start = self.count = 0
+        if spec and device.type == "cuda":
+            first, _, count = spec.partition(":")
+            self.start, self.count = int(first), int(count or 3)
+        self.path, self.log, self.prof, self.t0 = path, log, None, 0.0
+
+    def step(self, done: int) -> None:
+        """Called after each optimiser step with the number of steps done."""
+        import json
+        import time
+
+        if not self.count:
+            return
+        if done == self.start:
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif done == self.start + self.count and self.prof is not None:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            summary = profile_summary(self.prof, wall, self.count)
+            self.path.write_text(json.dumps(summary, indent=2) + "\n")
+            self.log(f"profile of steps {self.start + 1}-{done}: {summary}")
+            self.prof = None

@@ -266,7 +266,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         models.apply_fp8_storage(transformer, place)
         swapper = models.attach_memory_savers(transformer, place)
     compiled = None
-    if speed.compile_wanted(cfg.compile, place.device, place.base, place.activation_offload):
+    if memory_plan.compiled:  # the plan decided (on by default on CUDA with bf16 blocks, see plan.py)
         compiled = speed.CompiledBlocks(transformer.transformer_blocks)
         say(f"compiling {len(compiled.blocks)} transformer blocks (the first steps include compilation)")
     items = [i for i in range(len(prep.instances)) for _ in range(cfg.repeats)]
@@ -316,6 +316,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     latent_size = cfg.resolution // 8
     n_inst = cfg.train_batch_size
 
+    pin = place.device.type == "cuda"
+
+    def to_dev(t: torch.Tensor) -> torch.Tensor:
+        """Pinned + non_blocking: a copy from pageable memory would first wait for the GPU to drain its queue,
+        a host sync per copy that stops the CPU from queueing the next step's kernels ahead of the GPU."""
+        return (t.pin_memory() if pin else t).to(place.device, non_blocking=pin)
+
     def make_batch(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x0 latents, prompt embeds, pooled) of micro-batch m; seeds the global RNG for this micro-batch."""
         torch.manual_seed(step_seed(seed, m, accelerator.process_index))
@@ -331,18 +338,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             emb = text[prep.text_keys[ex.caption]]
             pes.append(emb.prompt_embeds)
             pps.append(emb.pooled)
-        dev, pin = place.device, place.device.type == "cuda"
-
-        def to_dev(t: torch.Tensor) -> torch.Tensor:  # pinned + non_blocking: the copy does not wait for the GPU
-            return (t.pin_memory() if pin else t).to(dev, non_blocking=pin)
-
         return to_dev(torch.stack(zs)), to_dev(torch.stack(pes)), to_dev(torch.stack(pps))
 
     def micro_loss(m: int) -> torch.Tensor:
         x0, prompt_embeds, pooled = make_batch(m)
-        idx = flow.sample_indices(
-            cfg.weighting_scheme, x0.shape[0], cfg.logit_mean, cfg.logit_std, cfg.mode_scale, num_train_timesteps
-        ).to(place.device, non_blocking=True)
+        idx = to_dev(
+            flow.sample_indices(
+                cfg.weighting_scheme, x0.shape[0], cfg.logit_mean, cfg.logit_std, cfg.mode_scale, num_train_timesteps
+            )
+        )
         sigma, timesteps = flow.sigmas_and_timesteps(idx, train_sigmas, train_timesteps, x0.ndim)
         noise = torch.randn_like(x0)
         x_t = flow.noisy_latents(x0, noise, sigma)
@@ -416,6 +420,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     loss_acc, loss_n, last_loss = torch.zeros((), device=place.device), 0, None
     t_log, step = time.perf_counter(), start
     step_times: list[float] = []
+    profiler = speed.StepProfiler(os.environ.get("SD3BOOTH_PROFILE"), place.device, out / "profile.json", say)
     with stages.stage("training"), attention():
         while step < max_steps:
             for micro in range(accum):
@@ -433,6 +438,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             step += 1
             loss_n += 1
             bar.update(1)
+            profiler.step(step - start)
             # a compiled run logs its first step alone: its time is mostly compilation
             if step % cfg.logging_steps == 0 or step == max_steps or (compiled and step == start + 1):
                 last_loss = (accelerator.reduce(loss_acc, "mean") / loss_n).item()  # the only host sync
