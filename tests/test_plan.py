@@ -23,6 +23,7 @@ from sd3booth.errors import UserError
 from sd3booth.plan import (
     BASE_SPEED_ORDER,
     GIB,
+    PLAN_SETTINGS,
     ModelSizes,
     Plan,
     Workload,
@@ -153,16 +154,9 @@ def test_plan_module_imports_without_torch():
 
 # ---- 2. candidates ----------------------------------------------------------------------------------------
 
-SETTINGS = (
-    "base",
-    "checkpoint_blocks",
-    "swap_blocks",
-    "activation_offload",
-    "t5",
-    "text_batch",
-    "vae_tiling",
-    "compiled",
-)
+SETTINGS = PLAN_SETTINGS
+assert SETTINGS == ("base", "checkpoint_blocks", "swap_blocks", "activation_offload", "t5", "text_batch",
+                    "vae_tiling", "compiled")  # fmt: skip
 
 
 def _settings(p: Plan) -> tuple:

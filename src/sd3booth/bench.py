@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from sd3booth.plan import PLAN_SETTINGS
+
 GIB = 2**30
 CAP_ENV = "SD3BOOTH_MEMORY_CAP_GIB"  # read by train(): hard cap on this process's GPU memory
 
@@ -528,19 +530,7 @@ def bench_budgets(
             )
             if metrics[0]["step"] == 1:  # logged alone: compiled runs, or logging every step
                 row["first_step_s"] = round(metrics[0]["s_per_step"], 2)
-            row["plan"] = {
-                k: plan[k]
-                for k in (
-                    "base",
-                    "checkpoint_blocks",
-                    "swap_blocks",
-                    "activation_offload",
-                    "t5",
-                    "text_batch",
-                    "vae_tiling",
-                    "compiled",
-                )
-            }
+            row["plan"] = {k: plan[k] for k in PLAN_SETTINGS}
             row["predicted_s_per_step"] = plan["predicted_s_per_step"]
             row["predicted_peak_gib"] = max(plan["predicted"].values())
             row["predicted"] = plan["predicted"]

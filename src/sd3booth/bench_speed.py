@@ -22,20 +22,10 @@ from typing import Any
 
 import torch
 
+from sd3booth.bench import _reset, _sync
+
 GIB = 2**30
 PEAK_TFLOPS = 800.0  # dense bf16 measured on the H100 (sd3-facts §4); the MFU denominator
-
-
-def _sync() -> None:
-    torch.cuda.synchronize()
-
-
-def _reset() -> None:
-    import gc
-
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
 
 
 def _inputs(cfg: Any, batch: int, seed: int) -> dict[str, torch.Tensor]:

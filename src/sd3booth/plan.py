@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import struct
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,10 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# the fields that make a plan (the rest is its prediction)
+PLAN_SETTINGS = tuple(f.name for f in fields(Plan) if f.compare)
 
 
 @dataclass(frozen=True)
