@@ -103,27 +103,34 @@ def _lora_step(
 # ---- stock stack -----------------------------------------------------------------------------------------
 
 
-def bench_stock(model_dir: Path, resolutions: list[int], steps: int, rank: int) -> list[dict[str, Any]]:
-    """The recipe behind the notes' stock numbers, written the way the diffusers example writes it."""
+def stock_stack(model_dir: Path, rank: int, checkpointing: bool) -> tuple[Any, list[torch.Tensor], Any]:
+    """(model, LoRA params, optimizer) of the recipe behind the notes' stock numbers, written the way the
+    diffusers example writes it: bf16 base, peft LoRA in fp32, bitsandbytes AdamW8bit."""
     import bitsandbytes as bnb
     from diffusers import SD3Transformer2DModel
     from peft import LoraConfig
 
     from sd3booth.config import DEFAULT_LORA_LAYERS
 
+    model = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=torch.bfloat16).to("cuda")
+    model.requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(DEFAULT_LORA_LAYERS))
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    return model, params, bnb.optim.AdamW8bit(params, lr=1e-4)
+
+
+def bench_stock(model_dir: Path, resolutions: list[int], steps: int, rank: int) -> list[dict[str, Any]]:
+    """The stock stack's training step (with checkpointing) at each resolution."""
     rows = []
     for res in resolutions:
         _reset()
-        model = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=torch.bfloat16).to("cuda")
-        model.requires_grad_(False)
-        model.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(DEFAULT_LORA_LAYERS))
-        )
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
-            p.data = p.data.float()
-        model.enable_gradient_checkpointing()
-        opt = bnb.optim.AdamW8bit(params, lr=1e-4)
+        model, params, opt = stock_stack(model_dir, rank, True)
         weights = torch.cuda.memory_allocated() / GIB
         s = _time_steps(_lora_step(model, params, opt, _inputs(model.config, res, 1)), steps)
         rows.append(

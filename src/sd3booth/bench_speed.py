@@ -57,23 +57,10 @@ class _Stack:
 def _stock(model_dir: Path, batch: int, checkpointing: bool, rank: int) -> _Stack:
     import contextlib
 
-    import bitsandbytes as bnb
-    from diffusers import SD3Transformer2DModel
-    from peft import LoraConfig
+    from sd3booth.bench import stock_stack
 
-    from sd3booth.config import DEFAULT_LORA_LAYERS
-
-    model = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=torch.bfloat16).to("cuda")
-    model.requires_grad_(False)
-    model.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(DEFAULT_LORA_LAYERS))
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    return _Stack(model, params, bnb.optim.AdamW8bit(params, lr=1e-4), contextlib.nullcontext)
+    model, params, opt = stock_stack(model_dir, rank, checkpointing)
+    return _Stack(model, params, opt, contextlib.nullcontext)
 
 
 def _ours(model_dir: Path, checkpoint_blocks: int, compile_: bool, rank: int, lr: float = 1e-4) -> _Stack:
