@@ -16,6 +16,7 @@ from torch import nn
 from sd3booth import speed
 from sd3booth.cli import main
 from sd3booth.data import write_demo_like_dataset
+from sd3booth.errors import UserError
 from sd3booth.offload import BlockSwapper, selective_checkpointing
 
 FAST = ["--resolution", "64", "--num_inference_steps", "2", "--report_to", "none", "--seed", "0", "--rank", "4"]
@@ -170,3 +171,7 @@ def test_profile_summary_and_step_profiler_on_cpu(tmp_path):
         for step in range(1, 5):
             p.step(step)
         assert not (tmp_path / "profile.json").exists()
+    # a malformed value is one clear error before anything loads
+    for bad in ("x", "3:0", "-1:2"):
+        with pytest.raises(UserError, match="SD3BOOTH_PROFILE"):
+            speed.StepProfiler(bad, torch.device("cpu"), tmp_path / "profile.json", print)

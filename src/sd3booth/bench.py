@@ -689,18 +689,16 @@ def run_bench(
         result["calibration"] = cal
     if "budgets" in parts:
         result["budgets"] = bench_budgets(model_dir, out, budgets, resolutions[0], max(steps, 6), arch, log, optimizer)
-        refined = refine_from_budgets(result.get("calibration") or load_calibration(), result["budgets"])
-        (out / "calibration.json").write_text(json.dumps(refined, indent=2) + "\n")
+        result["calibration"] = refine_from_budgets(result.get("calibration") or load_calibration(), result["budgets"])
+        (out / "calibration.json").write_text(json.dumps(result["calibration"], indent=2) + "\n")
     if "speed" in parts:
         from sd3booth.bench_speed import bench_speed, fit_compiled
-        from sd3booth.plan import read_sizes
 
-        result["speed"] = bench_speed(model_dir, steps, 16, log)
-        speed = {**result["speed"], "device": result["device"], "date": result["date"]}
-        base = json.loads((out / "calibration.json").read_text()) if (out / "calibration.json").is_file() else None
-        n = read_sizes(model_dir).n_blocks
-        cal = fit_compiled(base or load_calibration(), speed, result["speed"]["hidden"], n, result["speed"]["tokens"])
-        (out / "calibration.json").write_text(json.dumps(cal, indent=2) + "\n")
+        sp = result["speed"] = bench_speed(model_dir, steps, 16, log)
+        measured = {**sp, "device": result["device"], "date": result["date"]}
+        cal = result.get("calibration") or load_calibration()  # this call's fit if any, else the packaged one
+        result["calibration"] = fit_compiled(cal, measured, sp["hidden"], sp["n_blocks"], sp["tokens"])
+        (out / "calibration.json").write_text(json.dumps(result["calibration"], indent=2) + "\n")
     if "long" in parts:
         from sd3booth.bench_speed import bench_long
 

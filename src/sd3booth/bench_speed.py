@@ -189,7 +189,8 @@ def bench_speed(model_dir: Path, steps: int, rank: int, log: Callable[[str], Non
     rows: list[dict[str, Any]] = []
     cfg = json.loads((model_dir / "transformer" / "config.json").read_text())
     tokens = (cfg["sample_size"] * 8 // 16) ** 2 + 2 * 77  # image patches + CLIP and T5 tokens of _inputs
-    result: dict[str, Any] = {"rows": rows, "peak_tflops": PEAK_TFLOPS, "tokens": tokens, "hidden": sizes.hidden}
+    result: dict[str, Any] = {"rows": rows, "peak_tflops": PEAK_TFLOPS, "tokens": tokens, "hidden": sizes.hidden,
+                              "n_blocks": n}  # fmt: skip
 
     def record(name: str, stack: _Stack, batch: int, ckpt: str, **extra: Any) -> dict[str, Any]:
         row = {"stack": name, "batch": batch, "checkpointing": ckpt, **_timed(stack, batch, steps), **extra}

@@ -23,7 +23,7 @@ from sd3booth.errors import UserError
 
 GIB = 2**30
 # T5 options by fidelity to bf16 (bench, H100: stream keeps bf16 weights, cosine 0.99992; int8 0.9989;
-# nf4 0.943); encoding is a one-off of seconds, so fidelity decides among plans of equal step time.
+# nf4 0.943); encoding is a one-off of seconds, so among plans of equal step time and peak, fidelity decides.
 T5_PREFERENCE = ("bf16", "stream", "cpu", "int8", "nf4")
 # "none" (no T5 at all, zero embeddings as the reference pipeline does) is never chosen, only honoured.
 T5_ORDER = (*T5_PREFERENCE, "none")

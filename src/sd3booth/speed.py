@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sd3booth.errors import UserError
+
 # Tests on the CPU set "aot_eager": dynamo + AOTAutograd without needing a C++ toolchain.
 BACKEND_ENV = "SD3BOOTH_COMPILE_BACKEND"
 
@@ -136,9 +138,16 @@ class StepProfiler:
 
     def __init__(self, spec: str | None, device: torch.device, path: Any, log: Any) -> None:
         self.start = self.count = 0
-        if spec and device.type == "cuda":
+        if spec:
             first, _, count = spec.partition(":")
-            self.start, self.count = int(first), int(count or 3)
+            try:
+                start, n = int(first), int(count or 3)
+            except ValueError:
+                start = n = -1
+            if start < 0 or n < 1:
+                raise UserError(f"SD3BOOTH_PROFILE={spec!r}: expected START:COUNT, e.g. 40:3 (profiles steps 41-43)")
+            if device.type == "cuda":
+                self.start, self.count = start, n
         self.path, self.log, self.prof, self.t0 = path, log, None, 0.0
 
     def step(self, done: int) -> None:

@@ -242,6 +242,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     if cfg.allow_tf32 and place.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     stages = Stages(place.device)
+    profiler = speed.StepProfiler(os.environ.get("SD3BOOTH_PROFILE"), place.device, out / "profile.json", say)
     if main:
         (out / "plan.json").write_text(json.dumps({"budget_gib": budget, **memory_plan.to_dict()}, indent=2) + "\n")
 
@@ -420,7 +421,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     loss_acc, loss_n, last_loss = torch.zeros((), device=place.device), 0, None
     t_log, step = time.perf_counter(), start
     step_times: list[float] = []
-    profiler = speed.StepProfiler(os.environ.get("SD3BOOTH_PROFILE"), place.device, out / "profile.json", say)
     with stages.stage("training"), attention():
         while step < max_steps:
             for micro in range(accum):
