@@ -7,8 +7,12 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from sd3booth import cache_latents, cache_text, data, models
-from sd3booth.models import plan_placement, resolve_model
+from sd3booth.cache import latents as cache_latents
+from sd3booth.cache import text as cache_text
+from sd3booth.data import dataset
+from sd3booth.models import loaders
+from sd3booth.models.placement import plan_placement
+from sd3booth.models.source import resolve_model
 
 CPU = torch.device("cpu")
 
@@ -44,8 +48,8 @@ def test_t5_none_gives_zeros_like_the_pipeline_without_t5(tiny_model, tmp_path):
 def test_each_distinct_caption_is_encoded_once(tiny_model, tmp_path, place, monkeypatch):
     src = resolve_model(str(tiny_model))
     loads = []
-    real = models.load_text_encoder
-    monkeypatch.setattr(models, "load_text_encoder", lambda s, i, p: loads.append(i) or real(s, i, p))
+    real = loaders.load_text_encoder
+    monkeypatch.setattr(loaders, "load_text_encoder", lambda s, i, p: loads.append(i) or real(s, i, p))
     encoded = []
     real_clip = cache_text._clip_embed
     monkeypatch.setattr(
@@ -79,38 +83,38 @@ def test_text_key_changes_with_everything_that_changes_the_embedding(tiny_model,
 def test_latents_are_keyed_by_content_not_name_or_position(tiny_model, tmp_path, place, monkeypatch):
     src = resolve_model(str(tiny_model))
     d = tmp_path / "data"
-    data.write_demo_like_dataset(d, n=3, size=80)
+    dataset.write_demo_like_dataset(d, n=3, size=80)
     spec = [cache_latents.LatentSpec(64, False, False), cache_latents.LatentSpec(64, False, True)]
-    ex = data.scan_images(d)
+    ex = dataset.scan_images(d)
     keys = cache_latents.ensure_latents(ex, spec, src, place, tmp_path / "c", log=lambda m: None)
     assert len(set(keys.values())) == 6
     # renamed copy: same content, same keys, and the VAE is not loaded again
     loads = []
-    monkeypatch.setattr(models, "load_vae", lambda *a: loads.append(1))
+    monkeypatch.setattr(loaders, "load_vae", lambda *a: loads.append(1))
     (d / "toy_00.png").rename(d / "zz_renamed.png")
     meta = (d / "metadata.jsonl").read_text().replace("toy_00.png", "zz_renamed.png")
     (d / "metadata.jsonl").write_text(meta)
-    ex2 = data.scan_images(d)
+    ex2 = dataset.scan_images(d)
     keys2 = cache_latents.ensure_latents(ex2, spec, src, place, tmp_path / "c", log=lambda m: None)
     assert loads == []
     assert keys2[("instance/zz_renamed.png", False)] == keys[("instance/toy_00.png", False)]
     # changed content: a new key
     d2 = tmp_path / "d2"
-    data.write_demo_like_dataset(d2, n=1, size=80, seed=5)
-    other = data.scan_images(d2)[0]
-    k_other = cache_latents.latent_key(data.file_digest(other.path), spec[0], src.identity("vae"))
+    dataset.write_demo_like_dataset(d2, n=1, size=80, seed=5)
+    other = dataset.scan_images(d2)[0]
+    k_other = cache_latents.latent_key(dataset.file_digest(other.path), spec[0], src.identity("vae"))
     assert k_other not in keys.values()
 
 
 def test_cached_latent_distribution_equals_direct_vae_encode(tiny_model, tmp_path, place):
     src = resolve_model(str(tiny_model))
     d = tmp_path / "data"
-    (path,) = data.write_demo_like_dataset(d, n=1, size=64)
+    (path,) = dataset.write_demo_like_dataset(d, n=1, size=64)
     spec = cache_latents.LatentSpec(64, True, True)
-    keys = cache_latents.ensure_latents(data.scan_images(d), [spec], src, place, tmp_path / "c", log=lambda m: None)
+    keys = cache_latents.ensure_latents(dataset.scan_images(d), [spec], src, place, tmp_path / "c", log=lambda m: None)
     mean, std = cache_latents.load_latents(list(keys.values()), tmp_path / "c")[keys[("instance/toy_00.png", True)]]
-    vae = models.load_vae(src, place)
-    px = data.to_tensor(data.resize_and_crop(data.load_image(path), 64, True), flip=True)[None]
+    vae = loaders.load_vae(src, place)
+    px = dataset.to_tensor(dataset.resize_and_crop(dataset.load_image(path), 64, True), flip=True)[None]
     with torch.no_grad():
         dist = vae.encode(px).latent_dist
     torch.testing.assert_close(mean, dist.mean[0])

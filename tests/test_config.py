@@ -12,7 +12,7 @@ import pytest
 
 from sd3booth.cli import build_parser, main
 from sd3booth.config import FIELDS, TrainConfig, build_config, load_config_file, validate
-from sd3booth.data import write_demo_like_dataset
+from sd3booth.data.dataset import write_demo_like_dataset
 from sd3booth.errors import UserError
 
 REQUIRED = ["--pretrained_model_name_or_path", "some/model", "--instance_data_dir", "photos"]

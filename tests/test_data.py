@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd3booth.data import (
+from sd3booth.data.dataset import (
     IMAGE_EXTENSIONS,
     Example,
     file_digest,

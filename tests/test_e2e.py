@@ -13,7 +13,7 @@ from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
 from sd3booth.cli import main
-from sd3booth.data import write_demo_like_dataset
+from sd3booth.data.dataset import write_demo_like_dataset
 
 FAST = [
     "--resolution",

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from sd3booth.cli import main
-from sd3booth.data import write_demo_like_dataset
+from sd3booth.data.dataset import write_demo_like_dataset
 
 FAST = ["--resolution", "64", "--train_batch_size", "1", "--max_train_steps", "2", "--num_inference_steps", "2",
         "--report_to", "none", "--seed", "0"]  # fmt: skip

@@ -7,7 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from sd3booth import flow
+from sd3booth.train import flow
 
 SCHEMES = ["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"]
 

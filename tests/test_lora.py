@@ -8,7 +8,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from sd3booth import lora
+from sd3booth.adapters import lora
 from sd3booth.config import DEFAULT_LORA_LAYERS
 from sd3booth.errors import UserError
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from sd3booth import lora
+from sd3booth.adapters import lora
 from sd3booth.config import DEFAULT_LORA_LAYERS
-from sd3booth.offload import BlockSwapper, selective_checkpointing
+from sd3booth.models.offload import BlockSwapper, selective_checkpointing
 
 
 def _model(tiny_model, layers=4):

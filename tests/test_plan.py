@@ -20,21 +20,20 @@ import pytest
 
 from sd3booth.config import DEFAULT_LORA_LAYERS, TrainConfig
 from sd3booth.errors import UserError
-from sd3booth.plan import (
+from sd3booth.plan.calibration import load_calibration
+from sd3booth.plan.choose import (
     BASE_SPEED_ORDER,
     GIB,
     PLAN_SETTINGS,
-    ModelSizes,
     Plan,
     Workload,
     candidates,
     choose,
     default_budget,
-    load_calibration,
     plan_for_config,
     predict,
-    read_sizes,
 )
+from sd3booth.plan.sizes import ModelSizes, read_sizes
 
 N = 24
 SD3M = ModelSizes(
@@ -148,7 +147,7 @@ def test_read_sizes_reads_headers_only_and_fast(tiny_model, tmp_path):
 
 
 def test_plan_module_imports_without_torch():
-    code = "import sys, sd3booth.plan; assert 'torch' not in sys.modules, 'plan imported torch'"
+    code = "import sys, sd3booth.plan.choose; assert 'torch' not in sys.modules, 'plan imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

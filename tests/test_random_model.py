@@ -6,7 +6,7 @@ from diffusers import SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from sd3booth.cli import main
-from sd3booth.models import resolve_model
+from sd3booth.models.source import resolve_model
 from sd3booth.random_model import get_arch
 
 

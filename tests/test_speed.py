@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sd3booth import speed
 from sd3booth.cli import main
-from sd3booth.data import write_demo_like_dataset
+from sd3booth.data.dataset import write_demo_like_dataset
 from sd3booth.errors import UserError
-from sd3booth.offload import BlockSwapper, selective_checkpointing
+from sd3booth.models import speed
+from sd3booth.models.offload import BlockSwapper, selective_checkpointing
 
 FAST = ["--resolution", "64", "--num_inference_steps", "2", "--report_to", "none", "--seed", "0", "--rank", "4"]
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from sd3booth.train import DataOrder, step_seed
+from sd3booth.train.loop import DataOrder, step_seed
 
 
 def test_each_epoch_visits_every_item_once_across_processes():
@@ -36,7 +36,7 @@ def test_step_seeds_differ_by_step_and_rank():
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_processes_train_with_ddp_on_cpu(tiny_model, tmp_path):
     """What `accelerate launch --num_processes 2` runs: torchrun + gloo on the CPU."""
-    from sd3booth.data import write_demo_like_dataset
+    from sd3booth.data.dataset import write_demo_like_dataset
 
     data = tmp_path / "photos"
     write_demo_like_dataset(data, n=4, size=64)

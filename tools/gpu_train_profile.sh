@@ -5,7 +5,7 @@ set -euo pipefail
 arch=$1; out=$2; shift 2
 model=.models/$arch
 [ -f $model/model_index.json ] || python3 -m sd3booth random-model $model --arch $arch
-python3 -c "from pathlib import Path; from sd3booth.data import write_demo_like_dataset as w; w(Path('/tmp/photos'), n=4, size=1024)"
+python3 -c "from pathlib import Path; from sd3booth.data.dataset import write_demo_like_dataset as w; w(Path('/tmp/photos'), n=4, size=1024)"
 for b in "$@"; do
   extra=(); [ "$b" != default ] && extra=(--max_vram "$b")
   SD3BOOTH_PROFILE=40:3 python3 -m sd3booth train --pretrained_model_name_or_path $model --instance_data_dir /tmp/photos \

@@ -12,7 +12,7 @@ PY
 t0=$(date +%s)
 [ -f $model/model_index.json ] || python3 -m sd3booth random-model $model --arch $arch
 echo "random-model: $(( $(date +%s) - t0 )) s"; du -sh $model
-python3 -c "from pathlib import Path; from sd3booth.data import write_demo_like_dataset as w; w(Path('/tmp/photos'), n=4, size=1024)"
+python3 -c "from pathlib import Path; from sd3booth.data.dataset import write_demo_like_dataset as w; w(Path('/tmp/photos'), n=4, size=1024)"
 python3 -m sd3booth train --pretrained_model_name_or_path $model --instance_data_dir /tmp/photos \
   --output_dir $out --overwrite_output_dir --resolution 1024 --train_batch_size 1 --max_train_steps 20 \
   --gradient_checkpointing --rank 16 --optimizer adamw8bit --mixed_precision bf16 --seed 0 --lr_warmup_steps 0 \

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from sd3booth.plan import PLAN_SETTINGS
+from sd3booth.plan.choose import PLAN_SETTINGS
 
 GIB = 2**30
 CAP_ENV = "SD3BOOTH_MEMORY_CAP_GIB"  # read by train(): hard cap on this process's GPU memory
@@ -172,15 +172,16 @@ def _train_option(
     """One training-step measurement: storage, checkpointing, swap and offload as given, batch 1."""
     import bitsandbytes as bnb
 
-    from sd3booth import lora, models
+    from sd3booth.adapters import lora
     from sd3booth.config import DEFAULT_LORA_LAYERS
+    from sd3booth.models import loaders, placement
 
     base, ckpt, swap, offload, res = option
     _reset()
 
-    place = models.Placement(
+    place = placement.Placement(
         **{
-            **models.plan_placement(dev, "bf16", "bf16").__dict__,
+            **placement.plan_placement(dev, "bf16", "bf16").__dict__,
             "base": base,
             "checkpoint_blocks": ckpt,
             "swap_blocks": swap,
@@ -188,13 +189,13 @@ def _train_option(
         }
     )
     torch.manual_seed(0)
-    model = models.load_transformer(src, place)
+    model = loaders.load_transformer(src, place)
     params = lora.add_lora(model, rank, rank, 0.0, lora.resolve_targets(model, list(DEFAULT_LORA_LAYERS), None))
     with torch.no_grad():
         for p in params:  # non-zero B, the same in every option, so gradients and outputs compare
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.01)
-    models.apply_fp8_storage(model, place)
-    swapper = models.attach_memory_savers(model, place)
+    loaders.apply_fp8_storage(model, place)
+    swapper = loaders.attach_memory_savers(model, place)
 
     opt = bnb.optim.AdamW8bit(params, lr=0.0)  # lr 0: weights stay equal across steps and options
     inp = _inputs(model.config, res, 1)
@@ -240,10 +241,11 @@ def _train_option(
 
 
 def bench_calibrate(model_dir: Path, steps: int, rank: int, log: Callable[[str], None]) -> dict[str, Any]:
-    from sd3booth import cache_text, models
-    from sd3booth.plan import read_sizes
+    from sd3booth.cache import text as cache_text
+    from sd3booth.models import loaders, placement, source
+    from sd3booth.plan.sizes import read_sizes
 
-    src = models.resolve_model(str(model_dir))
+    src = source.resolve_model(str(model_dir))
     sizes = read_sizes(model_dir)
     dev = torch.device("cuda")
     rows: list[dict[str, Any]] = []
@@ -251,14 +253,14 @@ def bench_calibrate(model_dir: Path, steps: int, rank: int, log: Callable[[str],
 
     # text encoders: 8 prompts x 256 T5 tokens, the notes' workload
     def encode(index: int, t5: str, batch_prompts: list[str]) -> torch.Tensor:
-        place = models.plan_placement(dev, "bf16", t5)
-        tok, enc = models.load_text_encoder(src, index, place)
+        place = placement.plan_placement(dev, "bf16", t5)
+        tok, enc = loaders.load_text_encoder(src, index, place)
         with torch.no_grad():
             if index < 3:
                 out = cache_text._clip_embed(tok, enc, batch_prompts, dev)[0]
             else:
                 out = cache_text._t5_embed(tok, enc, batch_prompts, place.t5_device, 256)
-        models.free(enc)
+        loaders.free(enc)
         return out
 
     for index, name in ((1, "CLIP-L"), (2, "CLIP-G")):
@@ -282,9 +284,9 @@ def bench_calibrate(model_dir: Path, steps: int, rank: int, log: Callable[[str],
     # VAE encode and decode at 1024 px, whole and tiled
     px = torch.rand(1, 3, 1024, 1024, device=dev, dtype=torch.bfloat16) * 2 - 1
     for tiled in (False, True):
-        place = models.plan_placement(dev, "bf16", "bf16")
-        place = models.Placement(**{**place.__dict__, "vae_tiling": tiled})
-        vae = models.load_vae(src, place)
+        place = placement.plan_placement(dev, "bf16", "bf16")
+        place = placement.Placement(**{**place.__dict__, "vae_tiling": tiled})
+        vae = loaders.load_vae(src, place)
         option = "tiled" if tiled else "whole"
         with torch.no_grad():
             _reset()
@@ -293,7 +295,7 @@ def bench_calibrate(model_dir: Path, steps: int, rank: int, log: Callable[[str],
             _reset()
             vae.decode(lat)
             rows.append({"stage": "VAE decode", "option": option, "peak_gib": round(_peak(), 3)})
-        models.free(vae)
+        loaders.free(vae)
         del vae, lat
 
     # training steps for each option (batch 1, 154 text tokens), and sampling activations
@@ -453,7 +455,7 @@ def bench_budgets(
     log: Callable[[str], None],
     optimizer: str = "adamw8bit",
 ) -> list[dict[str, Any]]:
-    from sd3booth.data import write_demo_like_dataset
+    from sd3booth.data.dataset import write_demo_like_dataset
 
     photos = out / "photos"
     if not photos.is_dir():
@@ -647,8 +649,8 @@ def run_bench(
     import transformers
 
     from sd3booth import __version__
-    from sd3booth.models import quiet_libraries
-    from sd3booth.plan import load_calibration
+    from sd3booth.models.source import quiet_libraries
+    from sd3booth.plan.calibration import load_calibration
     from sd3booth.random_model import write_random_model
 
     if not torch.cuda.is_available():

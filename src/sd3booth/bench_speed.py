@@ -64,20 +64,21 @@ def _stock(model_dir: Path, batch: int, checkpointing: bool, rank: int) -> _Stac
 
 
 def _ours(model_dir: Path, checkpoint_blocks: int, compile_: bool, rank: int, lr: float = 1e-4) -> _Stack:
-    from sd3booth import lora, models, speed
+    from sd3booth.adapters import lora
     from sd3booth.config import DEFAULT_LORA_LAYERS
+    from sd3booth.models import loaders, placement, source, speed
 
     dev = torch.device("cuda")
-    src = models.resolve_model(str(model_dir))
-    place = models.Placement(**{**models.plan_placement(dev, "bf16", "bf16").__dict__,
+    src = source.resolve_model(str(model_dir))
+    place = placement.Placement(**{**placement.plan_placement(dev, "bf16", "bf16").__dict__,
                                 "checkpoint_blocks": checkpoint_blocks})  # fmt: skip
     torch.manual_seed(0)
-    model = models.load_transformer(src, place)
+    model = loaders.load_transformer(src, place)
     params = lora.add_lora(model, rank, rank, 0.0, lora.resolve_targets(model, list(DEFAULT_LORA_LAYERS), None))
     with torch.no_grad():  # a non-zero B, the same in every stack built here, so parity compares real updates
         for p in params:
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.01)
-    models.attach_memory_savers(model, place)
+    loaders.attach_memory_savers(model, place)
     compiled = speed.CompiledBlocks(model.transformer_blocks) if compile_ else None
     opt = torch.optim.AdamW(params, lr=lr, fused=True)
     return _Stack(model, params, opt, lambda: speed.attention_context(dev), compiled)
@@ -130,7 +131,7 @@ def _profile(stack: _Stack, batch: int, steps: int = 3) -> dict[str, Any]:
             stack.step(inp)
         _sync()
         wall = time.perf_counter() - t0
-    from sd3booth.speed import profile_summary
+    from sd3booth.models.speed import profile_summary
 
     return profile_summary(prof, wall, steps)
 
@@ -182,7 +183,7 @@ def bench_long(model_dir: Path, rank: int, long_steps: int, log: Callable[[str],
 
 
 def bench_speed(model_dir: Path, steps: int, rank: int, log: Callable[[str], None]) -> dict[str, Any]:
-    from sd3booth.plan import read_sizes
+    from sd3booth.plan.sizes import read_sizes
 
     sizes = read_sizes(model_dir)
     n = sizes.n_blocks

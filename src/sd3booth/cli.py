@@ -117,9 +117,9 @@ def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
 
         prepare_command(cfg)
         return 0
-    from sd3booth import train
+    from sd3booth.train import loop
 
-    result = train.train(cfg)
+    result = loop.train(cfg)
     if result.lora_path is not None:  # None on the non-main processes of a multi-GPU run
         print(f"LoRA: {result.lora_path}")
     return 0
@@ -157,7 +157,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def _cmd_random_model(ns: argparse.Namespace) -> int:
-    from sd3booth.models import quiet_libraries
+    from sd3booth.models.source import quiet_libraries
     from sd3booth.random_model import write_random_model
 
     quiet_libraries()

@@ -42,10 +42,11 @@ def demo_config(out: Path, model_dir: Path, data_dir: Path) -> TrainConfig:
 
 
 def run_demo(out: Path) -> Path:
-    from sd3booth import models, train
+    from sd3booth.models import source
     from sd3booth.random_model import write_random_model
+    from sd3booth.train import loop
 
-    models.quiet_libraries()
+    source.quiet_libraries()
     t0 = time.perf_counter()
     model_dir = out / "tiny-sd3"
     if not (model_dir / "model_index.json").is_file():
@@ -54,7 +55,7 @@ def run_demo(out: Path) -> Path:
     data_dir = Path(str(resources.files("sd3booth") / "demo_data"))
     cfg = demo_config(out, model_dir, data_dir)
     validate(cfg)
-    result = train.train(cfg)
+    result = loop.train(cfg)
     seconds = time.perf_counter() - t0
     print()
     print(f"sd3booth demo: done in {seconds:.0f} s")

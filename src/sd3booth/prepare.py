@@ -16,10 +16,15 @@ from pathlib import Path
 
 import torch
 
-from sd3booth import cache_latents, cache_text, data, models, sample
+from sd3booth import sample
+from sd3booth.cache import latents as cache_latents
+from sd3booth.cache import text as cache_text
 from sd3booth.config import TrainConfig
+from sd3booth.data import dataset
 from sd3booth.errors import UserError
-from sd3booth.models import ModelSource, Placement
+from sd3booth.models import loaders, placement, source
+from sd3booth.models.placement import Placement
+from sd3booth.models.source import ModelSource
 
 NEGATIVE_PROMPT = ""  # what the pipeline encodes for classifier-free guidance when no negative prompt is given
 
@@ -27,8 +32,8 @@ NEGATIVE_PROMPT = ""  # what the pipeline encodes for classifier-free guidance w
 @dataclass
 class Prepared:
     src: ModelSource
-    instances: list[data.Example]
-    classes: list[data.Example]
+    instances: list[dataset.Example]
+    classes: list[dataset.Example]
     text_keys: dict[str, str]  # caption -> key
     latent_keys: dict[tuple[str, bool], str]  # (example uid, flipped) -> key
     flips: tuple[bool, ...]
@@ -51,12 +56,12 @@ def _warn_once(message: str) -> None:
 
 def scan_data(
     cfg: TrainConfig, log: Callable[[str], None], warn: Callable[[str], None] | None = None
-) -> list[data.Example]:
+) -> list[dataset.Example]:
     """Instance examples from --instance_data_dir or --dataset_name (a local folder, or a hub dataset)."""
     root = Path(cfg.data_dir or "")
     if cfg.dataset_name and not root.exists():
         root = _materialize_hub_dataset(cfg, log)
-    examples = data.scan_images(
+    examples = dataset.scan_images(
         root,
         caption_column=cfg.caption_column,
         image_column=cfg.image_column or "file_name",
@@ -82,7 +87,7 @@ def _materialize_hub_dataset(cfg: TrainConfig, log: Callable[[str], None]) -> Pa
         ) from None
     name = cfg.dataset_name or ""
     out = cfg.cache_path / "datasets" / hashlib.sha256(f"{name}@{cfg.revision}".encode()).hexdigest()[:16]
-    if (out / data.METADATA_FILE).is_file():
+    if (out / dataset.METADATA_FILE).is_file():
         return out
     try:
         ds = load_dataset(name, split="train")
@@ -98,7 +103,7 @@ def _materialize_hub_dataset(cfg: TrainConfig, log: Callable[[str], None]) -> Pa
         fname = f"{i:05d}.png"
         row[image_col].convert("RGB").save(out / fname)
         lines.append(json.dumps({"file_name": fname, "caption": str(row[cfg.caption_column])}))
-    (out / data.METADATA_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / dataset.METADATA_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     log(f"dataset {name}: {len(lines)} images written to {out}")
     return out
 
@@ -116,9 +121,9 @@ def generate_class_images(
     missing = cfg.num_class_images - have
     log(f"generating {missing} class image(s) for '{cfg.class_prompt}'")
     emb = cache_text.load_text_embeddings([prompt_key, negative_key], cfg.cache_path, torch.float32)
-    transformer = models.load_transformer(src, place)
-    vae = models.load_vae(src, place)
-    pipe = sample.make_pipeline(transformer, vae, models.load_scheduler(src))
+    transformer = loaders.load_transformer(src, place)
+    vae = loaders.load_vae(src, place)
+    pipe = sample.make_pipeline(transformer, vae, loaders.load_scheduler(src))
     folder = Path(cfg.class_data_dir or "")
     tag = hashlib.sha256(f"{cfg.class_prompt}|{src.identity('transformer')}".encode()).hexdigest()[:8]
     seed = (cfg.seed or 0) + 10_000 * have
@@ -140,7 +145,7 @@ def generate_class_images(
         )
         for i, img in enumerate(images):
             img.save(folder / f"class-{tag}-{have + start + i:05d}.png")
-    models.free(transformer, vae)
+    loaders.free(transformer, vae)
     del pipe, transformer, vae
 
 
@@ -151,9 +156,9 @@ def prepare(
     stage: Callable[[str], AbstractContextManager] = lambda name: nullcontext(),
 ) -> Prepared:
     """Runs every caching stage that is not already cached; returns the index for the trainer."""
-    src = models.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
     instances = scan_data(cfg, log)
-    classes: list[data.Example] = []
+    classes: list[dataset.Example] = []
     captions = [ex.caption for ex in instances] + [NEGATIVE_PROMPT]
     if cfg.with_prior_preservation:
         captions.append(cfg.class_prompt or "")
@@ -163,18 +168,18 @@ def prepare(
         captions, src, place, cfg.cache_path, cfg.max_sequence_length, log, stage
     )
     if cfg.with_prior_preservation:
-        classes = data.scan_class_images(Path(cfg.class_data_dir or ""), cfg.class_prompt or "")
+        classes = dataset.scan_class_images(Path(cfg.class_data_dir or ""), cfg.class_prompt or "")
         if len(classes) < cfg.num_class_images:
             with stage("class images"):
                 generate_class_images(
                     cfg, src, place, len(classes), text_keys[cfg.class_prompt or ""], text_keys[NEGATIVE_PROMPT], log
                 )
-            classes = data.scan_class_images(Path(cfg.class_data_dir or ""), cfg.class_prompt or "")
+            classes = dataset.scan_class_images(Path(cfg.class_data_dir or ""), cfg.class_prompt or "")
         classes = classes[: cfg.num_class_images]
     flips = (False, True) if cfg.random_flip else (False,)
     specs = [cache_latents.LatentSpec(cfg.resolution, cfg.center_crop, f, place.vae_tiling) for f in flips]
     latent_keys = cache_latents.ensure_latents(instances + classes, specs, src, place, cfg.cache_path, log, stage)
-    shift, scale = models.vae_latent_params(src)
+    shift, scale = loaders.vae_latent_params(src)
     return Prepared(
         src=src,
         instances=instances,
@@ -193,9 +198,9 @@ def prepare_command(cfg: TrainConfig, log: Callable[[str], None] = print) -> Pre
     """``sd3booth prepare``: only the caching stages, on the first GPU (or the CPU)."""
     from sd3booth.tracking import Stages
 
-    models.quiet_libraries()
+    source.quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    place = models.plan_placement(device, cfg.mixed_precision, cfg.t5_precision)
+    place = placement.plan_placement(device, cfg.mixed_precision, cfg.t5_precision)
     stages = Stages(device)
     prep = prepare(cfg, place, log, stages.stage)
     log(

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sd3booth.cache_text import TextEmbedding
+from sd3booth.cache.text import TextEmbedding
 
 
 def make_pipeline(transformer: Any, vae: Any, scheduler: Any) -> Any:
@@ -103,16 +103,19 @@ def generate_with_lora(
     log: Any = print,
 ) -> list[Path]:
     """``sd3booth generate``: encode the prompt through the text cache, then sample base model + LoRA."""
-    from sd3booth import cache_text, models
+    from sd3booth.cache import text as cache_text
     from sd3booth.errors import UserError
+    from sd3booth.models import loaders, placement, source
 
-    models.quiet_libraries()
-    src = models.resolve_model(model)
+    source.quiet_libraries()
+    src = source.resolve_model(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    place = models.plan_placement(device, None, t5_precision)
+    place = placement.plan_placement(device, None, t5_precision)
     keys = cache_text.ensure_text_embeddings([prompt, ""], src, place, cache_dir, max_sequence_length, log)
     emb = cache_text.load_text_embeddings(keys.values(), cache_dir, place.weight_dtype)
-    pipe = make_pipeline(models.load_transformer(src, place), models.load_vae(src, place), models.load_scheduler(src))
+    pipe = make_pipeline(
+        loaders.load_transformer(src, place), loaders.load_vae(src, place), loaders.load_scheduler(src)
+    )
     if lora_path is not None:
         if not lora_path.is_file():
             raise UserError(f"--lora {lora_path} does not exist; pass a pytorch_lora_weights.safetensors file")

@@ -21,12 +21,17 @@ from typing import Any
 
 import torch
 
-from sd3booth import __version__, cache_latents, cache_text, checkpoint, flow, lora, models, sample, speed
+from sd3booth import __version__, sample
+from sd3booth.adapters import lora
+from sd3booth.cache import latents as cache_latents
+from sd3booth.cache import text as cache_text
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
-from sd3booth.plan import plan_for_config
+from sd3booth.models import loaders, placement, source, speed
+from sd3booth.plan.choose import plan_for_config
 from sd3booth.prepare import Prepared, prepare, scan_data
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
+from sd3booth.train import checkpoint, flow
 
 SETTINGS_FILE = "settings.json"
 
@@ -59,7 +64,7 @@ def verify(cfg: TrainConfig) -> None:
 
     It runs before anything is created or changed, so a mistake costs seconds and no saved file.
     """
-    src = models.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
     if cfg.instance_data_dir and not Path(cfg.instance_data_dir).is_dir():
         raise UserError(f"--instance_data_dir {cfg.instance_data_dir} is not a folder; pass the folder of your photos")
     out = Path(cfg.output_dir)
@@ -206,7 +211,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    models.quiet_libraries()
+    source.quiet_libraries()
     verify(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +221,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         log(f"no checkpoint under {ckpt_root}; starting a new run")
 
     seed = cfg.seed if cfg.seed is not None else 0
-    mp = cfg.mixed_precision or models.default_mixed_precision(
+    mp = cfg.mixed_precision or placement.default_mixed_precision(
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     )
     accelerator = Accelerator(
@@ -233,12 +238,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             float(cap) * 2**30 / torch.cuda.get_device_properties(device).total_memory
         )
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    src = models.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
     memory_plan, budget = plan_for_config(cfg, src.root, total)
     if device.type == "cuda":
         say(f"memory plan for {budget:.1f} GiB ({'--max_vram' if cfg.max_vram else 'default budget'}):")
         say(memory_plan.describe())
-    place = models.plan_placement(device, mp, cfg.t5_precision, memory_plan)
+    place = placement.plan_placement(device, mp, cfg.t5_precision, memory_plan)
     if cfg.allow_tf32 and place.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     stages = Stages(place.device)
@@ -261,11 +266,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     # 2. model + LoRA + optimizer
     torch.manual_seed(seed)
     with stages.stage("load transformer"):
-        transformer = models.load_transformer(prep.src, place)
+        transformer = loaders.load_transformer(prep.src, place)
         targets = lora.resolve_targets(transformer, cfg.target_layers, cfg.target_blocks)
         params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.lora_dropout, targets)
-        models.apply_fp8_storage(transformer, place)
-        swapper = models.attach_memory_savers(transformer, place)
+        loaders.apply_fp8_storage(transformer, place)
+        swapper = loaders.attach_memory_savers(transformer, place)
     compiled = None
     if memory_plan.compiled:  # the plan decided (on by default on CUDA with bf16 blocks, see plan.py)
         compiled = speed.CompiledBlocks(transformer.transformer_blocks)
@@ -293,7 +298,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         power=cfg.lr_power,
     )
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    scheduler = models.load_scheduler(prep.src)
+    scheduler = loaders.load_scheduler(prep.src)
     train_sigmas = scheduler.sigmas.to(place.device)
     train_timesteps = scheduler.timesteps.to(place.device)
     num_train_timesteps = scheduler.config.num_train_timesteps
@@ -375,11 +380,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         if not (main and prep.validation_key):
             return
         with stages.stage(f"validation step {step}"):
-            vae = vae_holder.get("vae") or models.load_vae(prep.src, place)
+            vae = vae_holder.get("vae") or loaders.load_vae(prep.src, place)
             vae.to(place.device)
             net = accelerator.unwrap_model(transformer)
             net.eval()
-            pipe = sample.make_pipeline(net, vae, models.load_scheduler(prep.src))
+            pipe = sample.make_pipeline(net, vae, loaders.load_scheduler(prep.src))
             autocast = place.weight_dtype if place.weight_dtype != torch.float32 else None
             with compiled.eager() if compiled else contextlib.nullcontext(), attention():
                 images = sample.generate(
@@ -400,7 +405,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             net.train()
             vae_holder["vae"] = vae.to("cpu")  # kept on the CPU between validations, off the GPU
             del pipe
-            models.free()
+            loaders.free()
         tb = _tensorboard(accelerator)
         if tb is not None:
             import numpy as np
@@ -444,7 +449,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
                 last_loss = (accelerator.reduce(loss_acc, "mean") / loss_n).item()  # the only host sync
                 dt = (time.perf_counter() - t_log) / loss_n
                 step_times.append(dt)
-                peak = models.peak_memory_gib(place.device)
+                peak = loaders.peak_memory_gib(place.device)
                 record = {
                     "step": step,
                     "loss": last_loss,

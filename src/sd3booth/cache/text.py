@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from sd3booth import models
-from sd3booth.models import ModelSource, Placement
-from sd3booth.store import TensorStore, content_key
+from sd3booth.cache.store import TensorStore, content_key
+from sd3booth.models import loaders
+from sd3booth.models.placement import Placement
+from sd3booth.models.source import ModelSource
 
 
 @dataclass(frozen=True)
@@ -76,26 +77,26 @@ def ensure_text_embeddings(
     with torch.no_grad():
         for index, name in ((1, "CLIP-L"), (2, "CLIP-G")):
             with stage(f"text encoder {name}"):
-                tok, enc = models.load_text_encoder(src, index, place)
+                tok, enc = loaders.load_text_encoder(src, index, place)
                 for chunk in _batches(todo, place.text_batch):
                     h, p = _clip_embed(tok, enc, chunk, place.device)
                     clip_states[index - 1].append(h)
                     pooled[index - 1].append(p)
-                models.free(enc)
+                loaders.free(enc)
                 del enc
         if place.t5_precision == "none":
             cfg = json.loads((src.root / "transformer" / "config.json").read_text(encoding="utf-8"))
             t5 = torch.zeros(len(todo), max_sequence_length, cfg["joint_attention_dim"])
         else:
             with stage(f"text encoder T5 ({place.t5_precision})"):
-                tok, enc = models.load_text_encoder(src, 3, place)
+                tok, enc = loaders.load_text_encoder(src, 3, place)
                 t5 = torch.cat(
                     [
                         _t5_embed(tok, enc, chunk, place.t5_device, max_sequence_length)
                         for chunk in _batches(todo, place.text_batch)
                     ]
                 )
-                models.free(enc)
+                loaders.free(enc)
                 del enc
     clip = torch.cat([torch.cat(clip_states[0]), torch.cat(clip_states[1])], dim=-1)
     clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))

@@ -1,177 +1,20 @@
-"""Loading SD3 components one at a time, with precision, quantisation and placement decided here.
+"""Loading SD3 components one at a time, in the precision and on the device the placement says.
 
 Every stage asks this module for exactly the component it needs and frees it when done
-(:func:`free`), so at most one large model sits on the GPU at a time. The memory issue's planner
-will extend :class:`Placement`; nothing else decides dtypes or devices.
+(:func:`free`), so at most one large model sits on the GPU at a time.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
-import logging
-import os
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from sd3booth.errors import UserError
-
-SD3_PIPELINES = {"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"}
-COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3")
-
-
-def quiet_libraries() -> None:
-    """Silences the libraries' info chatter and per-load progress bars; our own progress bar stays."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - cosmetic only
-        pass
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A resolved SD3 checkpoint: a local diffusers folder (hub ids are downloaded to the HF cache first)."""
-
-    root: Path
-    name: str
-    revision: str | None = None
-    variant: str | None = None
-
-    def identity(self, component: str) -> str:
-        """A short hash that changes when the component's config or weight files change.
-
-        Hashing file names, sizes and mtimes instead of contents keeps this instant for 10 GB files.
-        """
-        h = hashlib.sha256(component.encode())
-        folder = self.root / component
-        for p in sorted(folder.rglob("*")) if folder.is_dir() else []:
-            if p.is_file():
-                st = p.stat()
-                h.update(f"{p.relative_to(folder)}:{st.st_size}:{int(st.st_mtime)}".encode())
-                if p.suffix == ".json" and st.st_size < 1_000_000:
-                    h.update(p.read_bytes())
-        h.update(f"{self.variant}".encode())
-        return h.hexdigest()[:16]
-
-
-def resolve_model(name_or_path: str, revision: str | None = None, variant: str | None = None) -> ModelSource:
-    """Finds the checkpoint folder and checks it is an SD3 diffusers pipeline; UserError otherwise."""
-    p = Path(name_or_path).expanduser()
-    if p.suffix in (".safetensors", ".ckpt") and p.is_file():
-        raise UserError(
-            f"{p} is a single-file checkpoint; convert it once with diffusers "
-            "(StableDiffusion3Pipeline.from_single_file(...).save_pretrained(DIR)) and pass DIR"
-        )
-    if not p.exists():
-        if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
-            raise UserError(f"model {name_or_path} not found: pass a local SD3 diffusers folder or a hub id")
-        try:
-            from huggingface_hub import snapshot_download
-
-            p = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=None))
-        except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
-            raise UserError(
-                f"could not get model {name_or_path} from the hub ({type(e).__name__}); "
-                "check the id, your login (huggingface-cli login) and network, or pass a local folder"
-            ) from None
-    index = p / "model_index.json"
-    if not index.is_file():
-        raise UserError(f"{p} is not a diffusers pipeline folder (no model_index.json); pass an SD3 checkpoint")
-    try:
-        cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    except json.JSONDecodeError:
-        raise UserError(f"{index} is not valid JSON; the checkpoint is damaged") from None
-    if cls not in SD3_PIPELINES:
-        raise UserError(f"{p} holds a {cls}, not an SD3 model; pass an SD3 / SD3.5 checkpoint")
-    for comp in ("transformer", "vae", "scheduler"):
-        if not (p / comp).is_dir():
-            raise UserError(f"{p} lacks the '{comp}' folder; the SD3 checkpoint is incomplete")
-    return ModelSource(root=p, name=name_or_path, revision=revision, variant=variant)
-
-
-# ---- placement and precision ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where and in which precision each stage runs: the one object every stage asks. Built by
-    :func:`plan_placement` from the device, the precision flags and the memory plan (``plan.Plan``)."""
-
-    device: torch.device
-    weight_dtype: torch.dtype  # compute dtype of the frozen transformer (its storage too when base is bf16)
-    mixed_precision: str  # "no" | "fp16" | "bf16" (autocast; LoRA params stay fp32)
-    text_dtype: torch.dtype  # CLIP encoders
-    t5_precision: str  # bf16 | int8 | nf4 | stream | cpu | none
-    vae_dtype: torch.dtype
-    base: str = "bf16"  # transformer storage: bf16 (= weight_dtype) | fp8 | nf4
-    checkpoint_blocks: int = 0
-    swap_blocks: int = 0
-    activation_offload: bool = False
-    vae_tiling: bool = False
-    text_batch: int = 8
-
-    @property
-    def t5_device(self) -> torch.device:
-        return torch.device("cpu") if self.t5_precision == "cpu" else self.device
-
-
-def default_mixed_precision(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def plan_placement(device: torch.device, mixed_precision: str | None, t5_precision: str, plan: Any = None) -> Placement:
-    """Decides every dtype and placement from the device, the user's precision flags and the memory plan."""
-    mp = mixed_precision or default_mixed_precision(device)
-    t5 = plan.t5 if plan is not None else ("bf16" if t5_precision == "auto" else t5_precision)
-    base = plan.base if plan is not None else "bf16"
-    if device.type != "cuda":
-        if t5 in ("int8", "nf4") or base == "nf4":
-            raise UserError("NF4 and int8 weights need a CUDA GPU (bitsandbytes); use bf16 or cpu on this machine")
-        if mp == "fp16":
-            raise UserError("--mixed_precision fp16 needs a GPU; use no or bf16 on the CPU")
-        if t5 == "stream":
-            t5 = "cpu"  # nothing to stream to
-    weight = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
-    # The SD3 VAE overflows in fp16, so it stays fp32 there (as the reference does) and bf16 otherwise.
-    vae = torch.float32 if mp in ("no", "fp16") else torch.bfloat16
-    extra: dict[str, Any] = {}
-    if plan is not None:
-        extra = dict(
-            base=base,
-            checkpoint_blocks=plan.checkpoint_blocks,
-            swap_blocks=plan.swap_blocks,
-            activation_offload=plan.activation_offload,
-            vae_tiling=plan.vae_tiling,
-            text_batch=plan.text_batch,
-        )
-    return Placement(
-        device=device,
-        weight_dtype=weight,
-        mixed_precision=mp,
-        text_dtype=weight,
-        t5_precision=t5,
-        vae_dtype=vae,
-        **extra,
-    )
-
+from sd3booth.models.placement import Placement
+from sd3booth.models.source import ModelSource
 
 # ---- loaders ---------------------------------------------------------------------------------------------
 
@@ -293,7 +136,7 @@ def attach_memory_savers(model: Any, place: Placement) -> Any:
     The first ``checkpoint_blocks`` blocks are recomputed; swapped blocks are the first ``swap_blocks``, so
     every swapped block is also recomputed (autograd then holds none of its weights across the step).
     """
-    from sd3booth.offload import BlockSwapper, selective_checkpointing
+    from sd3booth.models.offload import BlockSwapper, selective_checkpointing
 
     blocks = model.transformer_blocks
     if place.checkpoint_blocks:

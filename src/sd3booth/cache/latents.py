@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from sd3booth import data, models
-from sd3booth.models import ModelSource, Placement
-from sd3booth.store import TensorStore, content_key
+from sd3booth.cache.store import TensorStore, content_key
+from sd3booth.data import dataset
+from sd3booth.models import loaders
+from sd3booth.models.placement import Placement
+from sd3booth.models.source import ModelSource
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ def latent_key(digest: str, spec: LatentSpec, vae_identity: str) -> str:
 
 
 def ensure_latents(
-    examples: Sequence[data.Example],
+    examples: Sequence[dataset.Example],
     specs: Sequence[LatentSpec],
     src: ModelSource,
     place: Placement,
@@ -60,9 +62,9 @@ def ensure_latents(
     store = TensorStore(cache_root / "latents")
     vae_id = src.identity("vae")
     keys: dict[tuple[str, bool], str] = {}
-    todo: list[tuple[data.Example, LatentSpec, str]] = []
+    todo: list[tuple[dataset.Example, LatentSpec, str]] = []
     for ex in examples:
-        digest = data.file_digest(ex.path)
+        digest = dataset.file_digest(ex.path)
         for spec in specs:
             k = latent_key(digest, spec, vae_id)
             keys[(ex.uid, spec.flip)] = k
@@ -72,13 +74,13 @@ def ensure_latents(
         return keys
     log(f"encoding {len(todo)} latent(s) ({len(keys) - len(todo)} cached)")
     with stage("VAE encode"), torch.no_grad():
-        vae = models.load_vae(src, place)
+        vae = loaders.load_vae(src, place)
         for ex, spec, k in todo:
-            img = data.resize_and_crop(data.load_image(ex.path), spec.resolution, spec.center_crop)
-            px = data.to_tensor(img, flip=spec.flip)[None].to(place.device, place.vae_dtype)
+            img = dataset.resize_and_crop(dataset.load_image(ex.path), spec.resolution, spec.center_crop)
+            px = dataset.to_tensor(img, flip=spec.flip)[None].to(place.device, place.vae_dtype)
             dist = vae.encode(px).latent_dist
             store.put(k, {"mean": dist.mean[0].float(), "std": dist.std[0].float()}, metadata={"image": ex.id})
-        models.free(vae)
+        loaders.free(vae)
         del vae
     return keys
 
