@@ -1,21 +1,39 @@
-"""The ``sd3booth`` command: parses arguments and dispatches; the work lives in the stage modules."""
+"""The ``sd3booth`` command: parses arguments and dispatches; the work lives in the stage modules.
+
+Every failure ends in one line on stderr and an exit code: ``error: ...`` and 2 for anything the user can
+cause or meet (bad input, a full or read-only disk, a missing package, no network, out of memory), 130 for
+Ctrl-C, 1 with a pointer to ``--debug`` for an unexpected error (a bug). ``--debug`` (anywhere on the
+command line, or SD3BOOTH_DEBUG=1) prints the traceback too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from sd3booth.config import FIELDS, add_train_arguments, build_config, closest
 from sd3booth.errors import UserError
 
+DEBUG_FLAG = "--debug"
+DEBUG_HELP = "On an error, print the traceback too (also SD3BOOTH_DEBUG=1)."
+
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one UserError line (exit 2, no usage dump)."""
+    """argparse that reports bad input as one UserError line (exit 2, no usage dump) and never expands an
+    abbreviated flag (``--learning_rat`` is an error naming ``--learning_rate``, not a silent match)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
@@ -48,7 +66,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = subs["prepare"] = sub.add_parser("prepare", help="Only the caching stages (embeddings, class images, latents).")
     add_train_arguments(p)
     p = subs["generate"] = sub.add_parser("generate", help="PNGs from the base model plus one LoRA.")
-    p.add_argument("--lora", required=True, help="A pytorch_lora_weights.safetensors file.")
+    p.add_argument(
+        "--lora", required=True, help="A pytorch_lora_weights.safetensors file, or the output folder of a run."
+    )
     p.add_argument("--prompt", required=True, help="What to draw.")
     p.add_argument(
         "--pretrained_model_name_or_path", help="Base model (default: the one in settings.json beside the LoRA)."
@@ -57,7 +77,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i. [default: 0]")
     p.add_argument("--num_inference_steps", type=int, default=28, help="Sampling steps. [default: 28]")
     p.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance. [default: 7.0]")
-    p.add_argument("--resolution", type=int, help="Image size (default: the training resolution, else 1024).")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        help="Image size, a multiple of 16 (default: the training resolution, else the model's native size).",
+    )
     p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens of the prompt. [default: 256]")
     p.add_argument(
         "--t5_precision",
@@ -67,6 +91,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     p.add_argument("--output_dir", default="generated", help="Where the PNGs go. [default: generated]")
     p.add_argument("--cache_dir", help="Text-embedding cache (default: OUTPUT_DIR/cache).")
+    p.add_argument(
+        "--num_cpu_threads", type=int, help="CPU threads for torch (default on a CPU-only machine: see train --help)."
+    )
     p = subs["random-model"] = sub.add_parser(
         "random-model", help="Write a random-weight SD3 pipeline (tests, benchmarks)."
     )
@@ -107,11 +134,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
     p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
+    for p in (root, *subs.values()):
+        p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return root, subs
+
+
+def _cpu_run() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
     cfg = build_config(vars(ns))
+    from sd3booth.cpu import configure_threads
+
+    configure_threads(cfg.num_cpu_threads, _cpu_run())
     if prepare_only:
         from sd3booth.prepare import prepare_command
 
@@ -125,17 +163,56 @@ def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
     return 0
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def _lora_file(given: str) -> Path:
+    """The LoRA file ``--lora`` names: a file, or a run's output folder holding one; UserError otherwise."""
+    p = Path(given).expanduser()
+    if p.is_dir():
+        if (p / LORA_FILE).is_file():
+            return p / LORA_FILE
+        raise UserError(
+            f"--lora {given} is a folder without {LORA_FILE}; pass the LoRA file, or the output folder of a "
+            "finished run"
+        )
+    if not p.exists():
+        raise UserError(f"--lora {given} does not exist; pass the {LORA_FILE} a training run wrote")
+    return p
+
+
+def _check_generate_flags(ns: argparse.Namespace) -> None:
+    for name in ("num_images", "num_inference_steps", "max_sequence_length", "num_cpu_threads"):
+        value = getattr(ns, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    if ns.resolution is not None and (ns.resolution < 16 or ns.resolution % 16):
+        raise UserError(f"--resolution {ns.resolution} must be a positive multiple of 16 (VAE factor 8 x patch size 2)")
+
+
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from sd3booth.sample import generate_with_lora
 
-    lora_path = Path(ns.lora)
+    _check_generate_flags(ns)
+    lora_path = _lora_file(ns.lora)
     settings: dict[str, Any] = {}
     settings_file = lora_path.parent / "settings.json"
     if settings_file.is_file():
-        settings = json.loads(settings_file.read_text(encoding="utf-8")).get("settings", {})
+        try:
+            record = json.loads(settings_file.read_text(encoding="utf-8"))
+            settings = record.get("settings", {}) if isinstance(record, dict) else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            print(f"warning: {settings_file} cannot be read ({type(e).__name__}); its settings are not used",
+                  file=sys.stderr)  # fmt: skip
     model = ns.pretrained_model_name_or_path or settings.get("pretrained_model_name_or_path")
     if not model:
-        raise UserError("generate: no base model; pass --pretrained_model_name_or_path")
+        raise UserError(
+            f"generate: no base model: no settings.json beside {lora_path} names one; pass "
+            "--pretrained_model_name_or_path"
+        )
+    from sd3booth.cpu import configure_threads
+
+    configure_threads(ns.num_cpu_threads, _cpu_run())
     out = Path(ns.output_dir)
     paths = generate_with_lora(
         model,
@@ -146,7 +223,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         ns.seed,
         ns.num_inference_steps,
         ns.guidance_scale,
-        ns.resolution or settings.get("resolution") or 1024,
+        ns.resolution or settings.get("resolution"),
         ns.max_sequence_length,
         ns.t5_precision,
         Path(ns.cache_dir) if ns.cache_dir else out / "cache",
@@ -185,10 +262,120 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
+    from sd3booth.cpu import configure_threads
     from sd3booth.demo import run_demo
 
+    configure_threads(None, _cpu_run())
     run_demo(Path(ns.output_dir))
     return 0
+
+
+# pip names of modules whose import name differs
+PIP_NAMES = {"PIL": "pillow", "yaml": "pyyaml", "google": "protobuf", "sklearn": "scikit-learn", "cv2": "opencv-python"}
+NETWORK_ERRORS = ("ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout", "gaierror",
+                  "OfflineModeIsEnabled", "LocalEntryNotFoundError", "MaxRetryError", "NewConnectionError")  # fmt: skip
+INTERRUPTED = "interrupted; cached files and saved checkpoints are kept (a training run continues with "
+INTERRUPTED += "--resume_from_checkpoint latest)"
+
+
+def _one_line(text: object) -> str:
+    return re.sub(r"\s+", " ", str(text)).strip()
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while e is not None and e not in out and len(out) < 20:
+        out.append(e)
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return out
+
+
+def _names(e: BaseException) -> set[str]:
+    return {c.__name__ for c in type(e).__mro__}
+
+
+def _explain_os_error(e: OSError) -> str:
+    where = e.filename or next((x.filename for x in _chain(e) if isinstance(x, OSError) and x.filename), None)
+    what = f"{e.strerror or e}" + (f": {where}" if where else "")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"disk full ({what}); free some space or put --output_dir / --cache_dir on another disk, then run the "
+            "same command again (a training run continues with --resume_from_checkpoint latest)"
+        )
+    if e.errno == errno.EROFS:
+        return f"cannot write ({what}); choose a --output_dir / --cache_dir on a writable disk"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission ({what}); check the path's permissions, or choose a folder you own"
+    if e.errno == errno.ENOMEM:
+        return f"out of memory ({what}); close other programs or lower --train_batch_size / --resolution"
+    return f"{what}; check the path and run again"
+
+
+def explain(e: BaseException) -> tuple[int, str]:
+    """(exit code, one line) for any exception that reaches the command line."""
+    if isinstance(e, UserError):
+        return 2, _one_line(e)
+    if isinstance(e, KeyboardInterrupt):
+        return 130, INTERRUPTED
+    chain = _chain(e)
+    names = set().union(*(_names(x) for x in chain))
+    first_line = _one_line(str(e).split("\n")[0])[:300]
+    if "OutOfMemoryError" in names and "cuda" in str(e).lower():
+        return 2, (
+            f"out of GPU memory ({first_line}); pass a smaller --max_vram so the planner picks thriftier settings "
+            "(block swap, checkpointing, NF4/fp8), or lower --train_batch_size or --resolution"
+        )
+    if "OutOfMemoryError" in names or isinstance(e, MemoryError) or "can't allocate memory" in str(e):
+        return 2, (
+            f"out of memory ({first_line or type(e).__name__}); close other programs, or lower "
+            "--train_batch_size or --resolution"
+        )
+    if isinstance(e, ImportError):
+        module = (e.name or "").split(".")[0]
+        if isinstance(e, ModuleNotFoundError) and module:
+            pip = PIP_NAMES.get(module, module)
+            return 2, f"missing package '{pip}' ({first_line}); pip install {pip}"
+        return 2, f"a package does not fit this sd3booth ({first_line}); reinstall its dependencies: pip install -e ."
+    if names & set(NETWORK_ERRORS):
+        return 2, (
+            f"no network ({type(e).__name__}); check your connection, or pass local folders "
+            "(set HF_HUB_OFFLINE=1 to use only the Hugging Face cache)"
+        )
+    if isinstance(e, OSError):
+        return 2, _one_line(_explain_os_error(e))
+    if "SafetensorError" in names:
+        return 2, f"a saved tensor file is damaged ({first_line}); rerun with --debug to see which, then delete it"
+    return 1, f"unexpected {type(e).__name__}: {first_line} (a bug: rerun with --debug and report the traceback)"
+
+
+def _close_progress_bars() -> None:
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
+def _dispatch(argv: list[str], root: argparse.ArgumentParser, subs: dict[str, argparse.ArgumentParser]) -> int:
+    if not argv or argv[0] not in subs:
+        if argv and argv[0] in ("-h", "--help"):
+            root.print_help()
+            return 0
+        if argv:
+            known = list(subs)
+            raise UserError(f"unknown command {argv[0]!r}{closest(argv[0], known)}; commands: {', '.join(known)}")
+        root.print_help()
+        return 2
+    ns = _parse(subs[argv[0]], argv[1:])
+    command = argv[0]
+    if command in ("train", "prepare"):
+        return _cmd_train(ns, prepare_only=command == "prepare")
+    if command == "generate":
+        return _cmd_generate(ns)
+    if command == "random-model":
+        return _cmd_random_model(ns)
+    if command == "bench":
+        return _cmd_bench(ns)
+    return _cmd_demo(ns)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,38 +383,20 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # fewer fragments, so reserved memory stays close to allocated (the budgets are on allocated memory)
-    os.environ.setdefault(
-        "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"
-    )  # import-time chatter about optional CPU kernels
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get("SD3BOOTH_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
     root, subs = build_parser()
     try:
-        if not argv or argv[0] not in subs:
-            if argv and argv[0] in ("-h", "--help"):
-                root.print_help()
-                return 0
-            if argv:
-                known = list(subs)
-                raise UserError(f"unknown command {argv[0]!r}{closest(argv[0], known)}; commands: {', '.join(known)}")
-            root.print_help()
-            return 2
-        ns = _parse(subs[argv[0]], argv[1:])
-        command = argv[0]
-        if command in ("train", "prepare"):
-            return _cmd_train(ns, prepare_only=command == "prepare")
-        if command == "generate":
-            return _cmd_generate(ns)
-        if command == "random-model":
-            return _cmd_random_model(ns)
-        if command == "bench":
-            return _cmd_bench(ns)
-        return _cmd_demo(ns)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; cached files and saved checkpoints are kept", file=sys.stderr)
-        return 130
+        return _dispatch(argv, root, subs)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure ends in one line
+        code, line = explain(e)
+        _close_progress_bars()  # so the line starts on a line of its own
+        if debug:
+            traceback.print_exception(e, file=sys.stderr)
+        print(line if code == 130 else f"error: {line}", file=sys.stderr)
+        return code
 
 
-__all__ = ["main", "FIELDS"]
+__all__ = ["main", "explain", "FIELDS"]

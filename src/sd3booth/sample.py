@@ -96,7 +96,7 @@ def generate_with_lora(
     seed: int,
     steps: int,
     guidance: float,
-    resolution: int,
+    resolution: int | None,
     max_sequence_length: int,
     t5_precision: str,
     cache_dir: Path,
@@ -109,6 +109,10 @@ def generate_with_lora(
 
     source.quiet_libraries()
     src = source.resolve_model(model)
+    if resolution is None:  # the model's native size (1024 for SD3), within what its position embedding covers
+        largest, native = source.resolution_limits(src)
+        resolution = min(x for x in (native or 1024, largest) if x)
+    source.check_resolution(src, resolution)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     place = placement.plan_placement(device, None, t5_precision)
     keys = cache_text.ensure_text_embeddings([prompt, ""], src, place, cache_dir, max_sequence_length, log)

@@ -15,13 +15,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sd3booth import __version__, sample
+from sd3booth import sample
 from sd3booth.adapters import lora
 from sd3booth.cache import latents as cache_latents
 from sd3booth.cache import text as cache_text
@@ -31,9 +30,9 @@ from sd3booth.models import loaders, placement, source, speed
 from sd3booth.plan.choose import plan_for_config
 from sd3booth.prepare import Prepared, prepare, scan_data
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
-from sd3booth.train import checkpoint, flow
-
-SETTINGS_FILE = "settings.json"
+from sd3booth.train import checkpoint, flow, preflight, resume
+from sd3booth.train import settings as run_settings
+from sd3booth.train.settings import SETTINGS_FILE
 
 
 @dataclass
@@ -96,27 +95,7 @@ def verify(cfg: TrainConfig) -> None:
     with torch.device("meta"):
         skeleton = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(src.root / "transformer"))
     lora.resolve_targets(skeleton, cfg.target_layers, cfg.target_blocks)
-
-
-def _versions() -> dict[str, str]:
-    import accelerate
-    import diffusers
-    import peft
-    import transformers
-
-    return {
-        "sd3booth": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "accelerate": accelerate.__version__,
-    }
-
-
-def write_settings(cfg: TrainConfig, out: Path) -> None:
-    record = {"settings": cfg.to_dict(), "versions": _versions(), "written": datetime.now(UTC).isoformat()}
-    (out / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    preflight.check(cfg, src)  # writable folders, packages, resolution, a strict resume (train/preflight.py)
 
 
 # ---- data order -------------------------------------------------------------------------------------------
@@ -215,6 +194,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     verify(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint.clean_interrupted(out)  # temporaries of a write killed last time
     ckpt_root = out / "checkpoints"
     resume_path = checkpoint.find(ckpt_root, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
     if cfg.resume_from_checkpoint and resume_path is None:
@@ -256,10 +236,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         prep: Prepared = prepare(cfg, place, say, stages.stage if main else (lambda n: contextlib.nullcontext()))
     if main:  # the caches are complete: only now does this folder become this run's
         if cfg.overwrite_output_dir and not resume_path:
-            for stale in ("checkpoints", "validation", "metrics.jsonl"):  # the old run's; the cache stays
+            for stale in ("checkpoints", "validation", "metrics.jsonl", SETTINGS_FILE, lora.LORA_FILE):  # old run's
                 p = out / stale
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        write_settings(cfg, out)
+    # settings.json is written after each checkpoint and the LoRA, never by a run that saved nothing
+    run_record = run_settings.RunRecord.begin(cfg, out, prep.instances, resume_path) if main else None
     text = cache_text.load_text_embeddings(prep.text_keys.values(), cfg.cache_path, place.weight_dtype)
     lat = cache_latents.load_latents(list(prep.latent_keys.values()), cfg.cache_path)
 
@@ -312,6 +293,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             p.data = p.data.float()
         optimizer.optimizer.load_state_dict(trainer_state["optimizer"])
         lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+        resume.apply_learning_rate(optimizer.optimizer, lr_scheduler, lr)  # a new rate or schedule takes effect
         if accelerator.scaler is not None and trainer_state.get("scaler"):
             accelerator.scaler.load_state_dict(trainer_state["scaler"])
         say(f"resumed from {resume_path} at step {start}")
@@ -469,6 +451,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             t_pause = time.perf_counter()  # checkpoints and validation do not count as step time
             if step % cfg.checkpointing_steps == 0 and main:
                 _save_checkpoint(cfg, accelerator, transformer, optimizer, lr_scheduler, ckpt_root, step, out)
+                run_record.save(step)
             due = (
                 (step % cfg.validation_steps == 0)
                 if cfg.validation_steps
@@ -494,6 +477,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     if main:
         net = accelerator.unwrap_model(transformer)
         lora_path = lora.save_lora(net, out, cfg.rank, cfg.alpha)
+        run_record.save(step, finished=True)
         if start < max_steps or not any(d.name == f"step-{step}" for d in validation_dirs):
             validate(step)
         stages.save(out / "stages.json")
