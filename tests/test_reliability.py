@@ -330,6 +330,24 @@ def test_generate_folder_without_lora(tmp_path, capsys):
     one_line(rc, o, e, "--lora", "is a folder without pytorch_lora_weights.safetensors")
 
 
+def test_generate_damaged_lora(first_run, tmp_path, capsys):
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.write_bytes((first_run.out / lora.name).read_bytes()[:-10])
+    rc, o, e = run_cli(gen_args("--lora", str(lora), "--pretrained_model_name_or_path", str(first_run.model)), capsys)
+    one_line(rc, o, e, str(lora), "damaged")
+
+
+def test_damaged_model_weights(first_run, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(first_run.model, model)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted download
+    out = tmp_path / "out"
+    rc, o, e = run_cli(train_args(model, first_run.data, out), capsys)
+    one_line(rc, o, e, f"model file {weights} is damaged", "download or copy the model again")
+    assert not out.exists()
+
+
 def test_generate_lora_without_settings_needs_a_model(first_run, tmp_path, capsys):
     shutil.copy(first_run.out / "pytorch_lora_weights.safetensors", tmp_path)
     rc, o, e = run_cli(gen_args("--lora", str(tmp_path / "pytorch_lora_weights.safetensors")), capsys)
@@ -641,9 +659,12 @@ def test_leftover_temporaries_are_cleaned_at_the_next_start(run_copy, capsys):
     dead.write_bytes(b"half")
     live = latents / f".{'1' * 32}.{os.getpid()}-qwerty12.tmp"  # a live writer sharing the cache: kept
     live.write_bytes(b"being written")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')  # an append torn by the kill
     rc, o, e = run_cli([*run_copy.args, "--resume_from_checkpoint", "latest", "--max_train_steps", "3"], capsys)
     assert rc == 0, e
     assert temporaries(out) == [f"cache/latents/{live.name}"]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [2, 3]
 
 
 def test_kill_9_during_checkpoint_writes_then_resume(tiny_model, tmp_path):
@@ -704,5 +725,19 @@ def test_num_cpu_threads_flag_sets_torch(first_run, tmp_path, capsys):
                            capsys)  # fmt: skip
         assert rc == 0, e
         assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_run_uses_the_default_thread_count(first_run, tmp_path, capsys):
+    from sd3booth import cpu
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu.default_threads() + 1)  # torch's own default on a bigger machine
+    try:
+        rc, o, e = run_cli(train_args(first_run.model, first_run.data, tmp_path / "o", "--max_train_steps", "1",
+                                      "--cache_dir", str(first_run.out / "cache")), capsys)  # fmt: skip
+        assert rc == 0, e
+        assert torch.get_num_threads() == cpu.default_threads()
     finally:
         torch.set_num_threads(before)

@@ -178,6 +178,11 @@ def _lora_file(given: str) -> Path:
         )
     if not p.exists():
         raise UserError(f"--lora {given} does not exist; pass the {LORA_FILE} a training run wrote")
+    from sd3booth.cache.store import damage
+
+    reason = damage(p)
+    if reason:
+        raise UserError(f"--lora {p} is damaged or not a safetensors file ({reason}); pass a whole {LORA_FILE}")
     return p
 
 

@@ -117,7 +117,23 @@ def resolve_model(name_or_path: str, revision: str | None = None, variant: str |
     for comp in ("transformer", "vae", "scheduler"):
         if not (p / comp).is_dir():
             raise UserError(f"{p} lacks the '{comp}' folder; the SD3 checkpoint is incomplete")
+    check_weight_files(p)
     return ModelSource(root=p, name=name_or_path, revision=revision, variant=variant)
+
+
+def check_weight_files(root: Path) -> None:
+    """UserError naming the first weight file whose safetensors header is unreadable or whose size does not
+    match it (an interrupted download or copy). Reads headers only."""
+    from sd3booth.cache.store import damage
+
+    for comp in COMPONENTS:
+        for f in sorted((root / comp).glob("*.safetensors")) if (root / comp).is_dir() else []:
+            reason = damage(f)
+            if reason:
+                raise UserError(
+                    f"model file {f} is damaged ({reason}); download or copy the model again (for a hub model, "
+                    "delete its folder in the Hugging Face cache first)"
+                )
 
 
 def _configs(src: ModelSource) -> tuple[dict, dict]:
