@@ -709,6 +709,7 @@ def test_kill_9_during_checkpoint_writes_then_resume(tiny_model, tmp_path):
         (64, 64, 64, 0.0, 8),  # capped
         (64, 64, 64, 60.0, 4),  # others keep 60 cores busy
         (4, 4, None, 9.0, 1),  # at least one
+        (8, 128, 128, 100.0, 2),  # a container's 8 CPUs on a busy 128-CPU host: its share of the host's load
     ],
 )
 def test_default_thread_count(usable, logical, physical, busy, want):

@@ -327,8 +327,9 @@ def explain(e: BaseException) -> tuple[int, str]:
     first_line = _one_line(str(e).split("\n")[0])[:300]
     if "OutOfMemoryError" in names and "cuda" in str(e).lower():
         return 2, (
-            f"out of GPU memory ({first_line}); pass a smaller --max_vram so the planner picks thriftier settings "
-            "(block swap, checkpointing, NF4/fp8), or lower --train_batch_size or --resolution"
+            f"out of GPU memory ({first_line}); train: pass a smaller --max_vram so the planner picks thriftier "
+            "settings (block swap, checkpointing, NF4/fp8), or lower --train_batch_size or --resolution; "
+            "generate: lower --resolution, or pass --t5_precision int8, nf4 or cpu"
         )
     if "OutOfMemoryError" in names or isinstance(e, MemoryError) or "can't allocate memory" in str(e):
         return 2, (

@@ -5,7 +5,8 @@ shared machine that is a cliff, not a slope: OpenMP threads wait for each other 
 thread whose core is taken stalls all of them (a 100-step tiny-model run on 2 cores shared with one busy
 process: 0.285 s/step with torch's 2 threads, 0.007 s/step with one). So a CPU run takes the physical
 cores this process may use (CPU affinity and a cgroup quota count), less the cores other processes keep
-busy (the 1-minute load average at the first call), at most ``MAX_DEFAULT_THREADS``, at least one.
+busy (the 1-minute load average at the first call, in proportion when this process may use only some of the
+machine's CPUs), at most ``MAX_DEFAULT_THREADS``, at least one.
 The choice is made once per process, so runs started in one process (tests) all use the same count.
 """
 
@@ -27,11 +28,14 @@ def pick_threads(
     usable_cpus: logical CPUs this process may run on; logical_cpus and physical_cores: of the whole machine
     (physical None: unknown); busy: cores other processes keep busy (a load average).
     """
+    logical_cpus = max(logical_cpus, usable_cpus, 1)
     cores = usable_cpus
     if physical_cores:  # hyper-threads share a core's arithmetic units: count cores, not logical CPUs
-        cores = max(1, math.floor(usable_cpus * physical_cores / max(logical_cpus, physical_cores, 1)))
-    free = cores - math.floor(busy + 0.5)
-    return max(1, min(cores, free, cap))
+        cores = max(1, math.floor(usable_cpus * physical_cores / max(logical_cpus, physical_cores)))
+    # the load average counts the whole machine (a container sees its host's): our share of it
+    busy_here = math.floor(busy * usable_cpus / logical_cpus + 0.5)
+    free_cores = math.floor((usable_cpus - busy_here) * cores / usable_cpus)
+    return max(1, min(cores, free_cores, cap))
 
 
 def _cgroup_cpus() -> float | None:
