@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from sd3booth.train.loop import DataOrder, step_seed
+from sd3booth.train.order import DataOrder, step_seed
 
 
 def test_each_epoch_visits_every_item_once_across_processes():

@@ -177,7 +177,7 @@ def prepare(
             classes = dataset.scan_class_images(Path(cfg.class_data_dir or ""), cfg.class_prompt or "")
         classes = classes[: cfg.num_class_images]
     flips = (False, True) if cfg.random_flip else (False,)
-    specs = [cache_latents.LatentSpec(cfg.resolution, cfg.center_crop, f, place.vae_tiling) for f in flips]
+    specs = [cache_latents.LatentSpec(cfg.resolution, cfg.center_crop, f, place.memory.vae_tiling) for f in flips]
     latent_keys = cache_latents.ensure_latents(instances + classes, specs, src, place, cfg.cache_path, log, stage)
     shift, scale = loaders.vae_latent_params(src)
     return Prepared(
@@ -199,9 +199,9 @@ def prepare_command(cfg: TrainConfig, log: Callable[[str], None] = print) -> Pre
     from sd3booth.tracking import Stages
 
     source.quiet_libraries()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    place = placement.plan_placement(device, cfg.mixed_precision, cfg.t5_precision)
-    stages = Stages(device)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    place = placement.place_run(cfg, src.root, placement.detect_device())  # the same decision as `train`
+    stages = Stages(place.device)
     prep = prepare(cfg, place, log, stages.stage)
     log(
         f"cached: {len(prep.text_keys)} caption embedding(s), {len(prep.latent_keys)} latent(s), "

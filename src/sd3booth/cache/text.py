@@ -67,7 +67,7 @@ def ensure_text_embeddings(
     next one loads; intermediate states wait in CPU memory.
     """
     store = TensorStore(cache_root / "text")
-    keys = {c: text_key(c, src, place.t5_precision, max_sequence_length) for c in dict.fromkeys(captions)}
+    keys = {c: text_key(c, src, place.memory.t5, max_sequence_length) for c in dict.fromkeys(captions)}
     todo = [c for c, k in keys.items() if not store.has(k)]
     if not todo:
         return keys
@@ -78,22 +78,22 @@ def ensure_text_embeddings(
         for index, name in ((1, "CLIP-L"), (2, "CLIP-G")):
             with stage(f"text encoder {name}"):
                 tok, enc = loaders.load_text_encoder(src, index, place)
-                for chunk in _batches(todo, place.text_batch):
+                for chunk in _batches(todo, place.memory.text_batch):
                     h, p = _clip_embed(tok, enc, chunk, place.device)
                     clip_states[index - 1].append(h)
                     pooled[index - 1].append(p)
                 loaders.free(enc)
                 del enc
-        if place.t5_precision == "none":
+        if place.memory.t5 == "none":
             cfg = json.loads((src.root / "transformer" / "config.json").read_text(encoding="utf-8"))
             t5 = torch.zeros(len(todo), max_sequence_length, cfg["joint_attention_dim"])
         else:
-            with stage(f"text encoder T5 ({place.t5_precision})"):
+            with stage(f"text encoder T5 ({place.memory.t5})"):
                 tok, enc = loaders.load_text_encoder(src, 3, place)
                 t5 = torch.cat(
                     [
                         _t5_embed(tok, enc, chunk, place.t5_device, max_sequence_length)
-                        for chunk in _batches(todo, place.text_batch)
+                        for chunk in _batches(todo, place.memory.text_batch)
                     ]
                 )
                 loaders.free(enc)
