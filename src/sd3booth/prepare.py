@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,12 +36,10 @@ class Prepared:
     classes: list[dataset.Example]
     text_keys: dict[str, str]  # caption -> key
     latent_keys: dict[tuple[str, bool], str]  # (example uid, flipped) -> key
-    flips: tuple[bool, ...]
     negative_key: str
     validation_key: str | None
     shift_factor: float
     scaling_factor: float
-    warnings: list[str] = field(default_factory=list)
 
 
 _WARNED: set[str] = set()
@@ -186,7 +184,6 @@ def prepare(
         classes=classes,
         text_keys=text_keys,
         latent_keys=latent_keys,
-        flips=flips,
         negative_key=text_keys[NEGATIVE_PROMPT],
         validation_key=text_keys[cfg.validation_prompt] if cfg.validation_prompt else None,
         shift_factor=shift,
