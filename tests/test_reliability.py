@@ -32,8 +32,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd3booth.cli import explain, main
+from sd3booth.cli import main
 from sd3booth.data.dataset import write_demo_like_dataset
+from sd3booth.errors import explain
 from sd3booth.train import checkpoint, resume
 
 FAST = ["--resolution", "64", "--train_batch_size", "1", "--max_train_steps", "2", "--num_inference_steps", "2",
@@ -713,7 +714,7 @@ def test_kill_9_during_checkpoint_writes_then_resume(tiny_model, tmp_path):
     ],
 )
 def test_default_thread_count(usable, logical, physical, busy, want):
-    from sd3booth import cpu
+    from sd3booth.models import threads as cpu
 
     assert cpu.pick_threads(usable, logical, physical, busy) == want
 
@@ -731,7 +732,7 @@ def test_num_cpu_threads_flag_sets_torch(first_run, tmp_path, capsys):
 
 
 def test_cpu_run_uses_the_default_thread_count(first_run, tmp_path, capsys):
-    from sd3booth import cpu
+    from sd3booth.models import threads as cpu
 
     before = torch.get_num_threads()
     torch.set_num_threads(cpu.default_threads() + 1)  # torch's own default on a bigger machine

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import logging
 import os
-import re
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
 from sd3booth.config import FIELDS, add_train_arguments, build_config, closest
-from sd3booth.errors import UserError
+from sd3booth.errors import UserError, explain
 
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = "On an error, print the traceback too (also SD3BOOTH_DEBUG=1)."
@@ -52,20 +50,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return ns
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    root = _Parser(prog="sd3booth", description="DreamBooth LoRA training for Stable Diffusion 3 / 3.5.")
-    sub = root.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    subs: dict[str, argparse.ArgumentParser] = {}
-    p = subs["train"] = sub.add_parser(
-        "train",
-        help="Prepare any missing cache, then train a LoRA.",
-        description="Prepare any missing cache (text embeddings, class images, "
-        "latents), then train a LoRA. Flags override --config.",
-    )
-    add_train_arguments(p)
-    p = subs["prepare"] = sub.add_parser("prepare", help="Only the caching stages (embeddings, class images, latents).")
-    add_train_arguments(p)
-    p = subs["generate"] = sub.add_parser("generate", help="PNGs from the base model plus one LoRA.")
+def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lora", required=True, help="A pytorch_lora_weights.safetensors file, or the output folder of a run."
     )
@@ -82,18 +67,38 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         type=int,
         help="Image size, a multiple of 16 (default: the training resolution, else the model's native size).",
     )
-    p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens of the prompt. [default: 256]")
+    p.add_argument(
+        "--max_sequence_length",
+        type=int,
+        help="T5 tokens of the prompt (default: the training run's, else 256).",
+    )
     p.add_argument(
         "--t5_precision",
-        default="bf16",
-        choices=["bf16", "int8", "nf4", "cpu", "none"],
-        help="How T5 runs while the prompt is encoded. [default: bf16]",
+        choices=["auto", "bf16", "int8", "nf4", "stream", "cpu", "none"],
+        help="How T5 runs while the prompt is encoded (default: the training run's, else auto = the planner's).",
     )
     p.add_argument("--output_dir", default="generated", help="Where the PNGs go. [default: generated]")
     p.add_argument("--cache_dir", help="Text-embedding cache (default: OUTPUT_DIR/cache).")
     p.add_argument(
         "--num_cpu_threads", type=int, help="CPU threads for torch (default on a CPU-only machine: see train --help)."
     )
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    root = _Parser(prog="sd3booth", description="DreamBooth LoRA training for Stable Diffusion 3 / 3.5.")
+    sub = root.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subs: dict[str, argparse.ArgumentParser] = {}
+    p = subs["train"] = sub.add_parser(
+        "train",
+        help="Prepare any missing cache, then train a LoRA.",
+        description="Prepare any missing cache (text embeddings, class images, "
+        "latents), then train a LoRA. Flags override --config.",
+    )
+    add_train_arguments(p)
+    p = subs["prepare"] = sub.add_parser("prepare", help="Only the caching stages (embeddings, class images, latents).")
+    add_train_arguments(p)
+    p = subs["generate"] = sub.add_parser("generate", help="PNGs from the base model plus one LoRA.")
+    _add_generate_arguments(p)
     p = subs["random-model"] = sub.add_parser(
         "random-model", help="Write a random-weight SD3 pipeline (tests, benchmarks)."
     )
@@ -147,7 +152,7 @@ def _cpu_run() -> bool:
 
 def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
     cfg = build_config(vars(ns))
-    from sd3booth.cpu import configure_threads
+    from sd3booth.models.threads import configure_threads
 
     configure_threads(cfg.num_cpu_threads, _cpu_run())
     if prepare_only:
@@ -178,7 +183,7 @@ def _lora_file(given: str) -> Path:
         )
     if not p.exists():
         raise UserError(f"--lora {given} does not exist; pass the {LORA_FILE} a training run wrote")
-    from sd3booth.cache.store import damage
+    from sd3booth.models.files import damage
 
     reason = damage(p)
     if reason:
@@ -195,30 +200,51 @@ def _check_generate_flags(ns: argparse.Namespace) -> None:
         raise UserError(f"--resolution {ns.resolution} must be a positive multiple of 16 (VAE factor 8 x patch size 2)")
 
 
+def _lora_settings(lora_path: Path) -> dict[str, Any]:
+    """The settings of the run that wrote the LoRA (settings.json beside it), {} if there is none."""
+    settings_file = lora_path.parent / "settings.json"
+    if not settings_file.is_file():
+        return {}
+    try:
+        record = json.loads(settings_file.read_text(encoding="utf-8"))
+        settings = record.get("settings", {}) if isinstance(record, dict) else {}
+        return settings if isinstance(settings, dict) else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        print(f"warning: {settings_file} cannot be read ({type(e).__name__}); its settings are not used",
+              file=sys.stderr)  # fmt: skip
+        return {}
+
+
 def _cmd_generate(ns: argparse.Namespace) -> int:
+    from sd3booth.config import TrainConfig
+    from sd3booth.models import placement, source
+    from sd3booth.models.threads import configure_threads
     from sd3booth.sample import generate_with_lora
 
     _check_generate_flags(ns)
     lora_path = _lora_file(ns.lora)
-    settings: dict[str, Any] = {}
-    settings_file = lora_path.parent / "settings.json"
-    if settings_file.is_file():
-        try:
-            record = json.loads(settings_file.read_text(encoding="utf-8"))
-            settings = record.get("settings", {}) if isinstance(record, dict) else {}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            print(f"warning: {settings_file} cannot be read ({type(e).__name__}); its settings are not used",
-                  file=sys.stderr)  # fmt: skip
+    settings = _lora_settings(lora_path)
     model = ns.pretrained_model_name_or_path or settings.get("pretrained_model_name_or_path")
     if not model:
         raise UserError(
             f"generate: no base model: no settings.json beside {lora_path} names one; pass "
             "--pretrained_model_name_or_path"
         )
-    from sd3booth.cpu import configure_threads
-
     configure_threads(ns.num_cpu_threads, _cpu_run())
     out = Path(ns.output_dir)
+    src = source.resolve_model(model)
+    largest, native = source.resolution_limits(src)  # the default fits the model's position embedding
+    resolution = ns.resolution or settings.get("resolution") or min(x for x in (native or 1024, largest) if x)
+    source.check_resolution(src, resolution)
+    # the placement the training run got (its settings, else a default run's), so both share text-cache entries
+    run = TrainConfig(
+        pretrained_model_name_or_path=model,
+        resolution=resolution,
+        t5_precision=ns.t5_precision or settings.get("t5_precision") or "auto",
+        max_sequence_length=ns.max_sequence_length or settings.get("max_sequence_length") or 256,
+        mixed_precision=settings.get("mixed_precision"),
+    )
+    place = placement.place_run(run, src.root, placement.detect_device())
     paths = generate_with_lora(
         model,
         lora_path,
@@ -228,9 +254,9 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         ns.seed,
         ns.num_inference_steps,
         ns.guidance_scale,
-        ns.resolution or settings.get("resolution"),
-        ns.max_sequence_length,
-        ns.t5_precision,
+        resolution,
+        run.max_sequence_length,
+        place,
         Path(ns.cache_dir) if ns.cache_dir else out / "cache",
     )
     for p in paths:
@@ -267,91 +293,12 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
-    from sd3booth.cpu import configure_threads
     from sd3booth.demo import run_demo
+    from sd3booth.models.threads import configure_threads
 
     configure_threads(None, _cpu_run())
     run_demo(Path(ns.output_dir))
     return 0
-
-
-# pip names of modules whose import name differs
-PIP_NAMES = {"PIL": "pillow", "yaml": "pyyaml", "google": "protobuf", "sklearn": "scikit-learn", "cv2": "opencv-python"}
-NETWORK_ERRORS = ("ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout", "gaierror",
-                  "OfflineModeIsEnabled", "LocalEntryNotFoundError", "MaxRetryError", "NewConnectionError")  # fmt: skip
-INTERRUPTED = "interrupted; cached files and saved checkpoints are kept (a training run continues with "
-INTERRUPTED += "--resume_from_checkpoint latest)"
-
-
-def _one_line(text: object) -> str:
-    return re.sub(r"\s+", " ", str(text)).strip()
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    while e is not None and e not in out and len(out) < 20:
-        out.append(e)
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return out
-
-
-def _names(e: BaseException) -> set[str]:
-    return {c.__name__ for c in type(e).__mro__}
-
-
-def _explain_os_error(e: OSError) -> str:
-    where = e.filename or next((x.filename for x in _chain(e) if isinstance(x, OSError) and x.filename), None)
-    what = f"{e.strerror or e}" + (f": {where}" if where else "")
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (
-            f"disk full ({what}); free some space or put --output_dir / --cache_dir on another disk, then run the "
-            "same command again (a training run continues with --resume_from_checkpoint latest)"
-        )
-    if e.errno == errno.EROFS:
-        return f"cannot write ({what}); choose a --output_dir / --cache_dir on a writable disk"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return f"no permission ({what}); check the path's permissions, or choose a folder you own"
-    if e.errno == errno.ENOMEM:
-        return f"out of memory ({what}); close other programs or lower --train_batch_size / --resolution"
-    return f"{what}; check the path and run again"
-
-
-def explain(e: BaseException) -> tuple[int, str]:
-    """(exit code, one line) for any exception that reaches the command line."""
-    if isinstance(e, UserError):
-        return 2, _one_line(e)
-    if isinstance(e, KeyboardInterrupt):
-        return 130, INTERRUPTED
-    chain = _chain(e)
-    names = set().union(*(_names(x) for x in chain))
-    first_line = _one_line(str(e).split("\n")[0])[:300]
-    if "OutOfMemoryError" in names and "cuda" in str(e).lower():
-        return 2, (
-            f"out of GPU memory ({first_line}); train: pass a smaller --max_vram so the planner picks thriftier "
-            "settings (block swap, checkpointing, NF4/fp8), or lower --train_batch_size or --resolution; "
-            "generate: lower --resolution, or pass --t5_precision int8, nf4 or cpu"
-        )
-    if "OutOfMemoryError" in names or isinstance(e, MemoryError) or "can't allocate memory" in str(e):
-        return 2, (
-            f"out of memory ({first_line or type(e).__name__}); close other programs, or lower "
-            "--train_batch_size or --resolution"
-        )
-    if isinstance(e, ImportError):
-        module = (e.name or "").split(".")[0]
-        if isinstance(e, ModuleNotFoundError) and module:
-            pip = PIP_NAMES.get(module, module)
-            return 2, f"missing package '{pip}' ({first_line}); pip install {pip}"
-        return 2, f"a package does not fit this sd3booth ({first_line}); reinstall its dependencies: pip install -e ."
-    if names & set(NETWORK_ERRORS):
-        return 2, (
-            f"no network ({type(e).__name__}); check your connection, or pass local folders "
-            "(set HF_HUB_OFFLINE=1 to use only the Hugging Face cache)"
-        )
-    if isinstance(e, OSError):
-        return 2, _one_line(_explain_os_error(e))
-    if "SafetensorError" in names:
-        return 2, f"a saved tensor file is damaged ({first_line}); rerun with --debug to see which, then delete it"
-    return 1, f"unexpected {type(e).__name__}: {first_line} (a bug: rerun with --debug and report the traceback)"
 
 
 def _close_progress_bars() -> None:

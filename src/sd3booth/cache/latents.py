@@ -35,7 +35,8 @@ class LatentSpec:
     tiled: bool = False  # tiled encoding blends tile seams: slightly different latents, so its own entries
 
 
-def latent_key(digest: str, spec: LatentSpec, vae_identity: str) -> str:
+def latent_key(digest: str, spec: LatentSpec, vae_identity: str, vae_numerics: str) -> str:
+    """Everything that changes the stored latent: image bytes, size, crop, flip, tiling, VAE and its dtype/device."""
     return content_key(
         kind="latent",
         image=digest,
@@ -44,6 +45,7 @@ def latent_key(digest: str, spec: LatentSpec, vae_identity: str) -> str:
         flip=spec.flip,
         tiled=spec.tiled,
         vae=vae_identity,
+        numerics=vae_numerics,
     )
 
 
@@ -63,13 +65,14 @@ def ensure_latents(
     store = TensorStore(cache_root / "latents")
     store.clean_temporaries()  # left by a run killed mid-write
     vae_id = src.identity("vae")
+    numerics = f"{str(place.vae_dtype).removeprefix('torch.')}@{place.device.type}"
     channels = json.loads((src.root / "vae" / "config.json").read_text(encoding="utf-8")).get("latent_channels")
     keys: dict[tuple[str, bool], str] = {}
     todo: list[tuple[dataset.Example, LatentSpec, str]] = []
     for ex in examples:
         digest = dataset.file_digest(ex.path)
         for spec in specs:
-            k = latent_key(digest, spec, vae_id)
+            k = latent_key(digest, spec, vae_id, numerics)
             keys[(ex.uid, spec.flip)] = k
             if not store.usable(k, {"mean": (channels, None, None), "std": (channels, None, None)}):
                 todo.append((ex, spec, k))

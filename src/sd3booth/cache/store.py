@@ -23,18 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sd3booth.errors import UserError
+from sd3booth.models.files import Expected, damage
 
 # room kept free beside anything written: a disk filled to the last byte breaks more than this program
 FREE_SPACE_RESERVE = 16 * 2**20
 STALE_SECONDS = 3600  # a temporary older than this is abandoned even if its process id is alive (reused)
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^.]*\.tmp$")
-
-# expected shape per tensor name: a tuple of sizes (None: any size) or None (any shape)
-Expected = dict[str, tuple[int | None, ...] | None]
 
 
 def content_key(**parts: Any) -> str:
@@ -114,26 +111,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def damage(path: Path, expected: Expected | None = None) -> str | None:
-    """Why the safetensors file at ``path`` cannot be trusted (None if it can): unreadable header, a file
-    shorter or longer than its header says, a missing tensor, or a shape other than ``expected``.
-    Reads the header only."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = set(f.keys())
-            for name, shape in (expected or {}).items():
-                if name not in names:
-                    return f"no tensor '{name}'"
-                if shape is None:
-                    continue
-                got = tuple(f.get_slice(name).get_shape())
-                if len(got) != len(shape) or any(w is not None and w != g for w, g in zip(shape, got)):
-                    return f"tensor '{name}' has shape {list(got)}, expected {[s if s else '*' for s in shape]}"
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ... all mean the same here
-        return f"{type(e).__name__}: {e}".replace("\n", " ")
-    return None
 
 
 class TensorStore:

@@ -13,7 +13,6 @@ from pathlib import Path
 from sd3booth.errors import UserError
 
 SD3_PIPELINES = {"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"}
-COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def quiet_libraries() -> None:
@@ -124,9 +123,9 @@ def resolve_model(name_or_path: str, revision: str | None = None, variant: str |
 def check_weight_files(root: Path) -> None:
     """UserError naming the first weight file whose safetensors header is unreadable or whose size does not
     match it (an interrupted download or copy). Reads headers only."""
-    from sd3booth.cache.store import damage
+    from sd3booth.models.files import damage
 
-    for comp in COMPONENTS:
+    for comp in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         for f in sorted((root / comp).glob("*.safetensors")) if (root / comp).is_dir() else []:
             reason = damage(f)
             if reason:

@@ -107,7 +107,7 @@ def damage(path: Path) -> str | None:
     safetensors header and the trainer state's zip directory, which a truncated or damaged file breaks."""
     import zipfile
 
-    from sd3booth.cache.store import damage as tensor_damage
+    from sd3booth.models.files import damage as tensor_damage
 
     try:
         meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
@@ -181,3 +181,37 @@ def _step_of(path: Path) -> int:
         return int(path.name[len(PREFIX) :])
     except ValueError:
         return 2**62
+
+
+def save_training_state(
+    root: Path,
+    step: int,
+    net: Any,
+    optimizer: Any,
+    lr_scheduler: Any,
+    scaler: Any,
+    rank: int,
+    alpha: int,
+    meta: dict[str, Any],
+    total_limit: int | None,
+    scratch: Path,
+) -> Path:
+    """A checkpoint of a training run: raw LoRA, optimizer/scheduler/scaler states and the exported LoRA file."""
+    from sd3booth.adapters import lora
+
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".ckpt-lora-") as tmp:
+        exported = lora.save_lora(net, Path(tmp), rank, alpha)
+        return save(
+            root,
+            step,
+            lora.lora_state(net),
+            state,
+            meta,
+            extra_files={lora.LORA_FILE: exported},
+            total_limit=total_limit,
+        )

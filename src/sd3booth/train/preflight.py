@@ -16,6 +16,7 @@ from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models.source import ModelSource, check_resolution
 from sd3booth.train import checkpoint, resume
+from sd3booth.train import settings as run_settings
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -67,4 +68,4 @@ def check(cfg: TrainConfig, src: ModelSource) -> Path | None:
         from sd3booth.prepare import scan_data
 
         examples = scan_data(cfg, log=lambda m: None)
-    return resume.check_resume(cfg, out, examples)
+    return resume.check_resume(cfg, out, examples, run_settings.read(out))

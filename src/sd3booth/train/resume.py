@@ -210,12 +210,14 @@ def describe(diffs: list[tuple[str, Any, Any]], old_data: dict | None, new_data:
     return parts
 
 
-def check_resume(cfg: TrainConfig, output_dir: Path, examples: Sequence[Any] | None) -> Path | None:
+def check_resume(
+    cfg: TrainConfig, output_dir: Path, examples: Sequence[Any] | None, record: dict[str, Any] | None
+) -> Path | None:
     """The checkpoint this run resumes from, after checking it is whole and was trained with the same
-    run-defining settings and dataset; one UserError line listing every difference otherwise. Reads only."""
+    run-defining settings and dataset (``record``: the folder's settings.json, for the dataset's fingerprint);
+    one UserError line listing every difference otherwise. Reads only."""
     from sd3booth.data.dataset import file_digest
     from sd3booth.train import checkpoint
-    from sd3booth.train import settings as run_settings
 
     if not cfg.resume_from_checkpoint:
         return None
@@ -227,7 +229,7 @@ def check_resume(cfg: TrainConfig, output_dir: Path, examples: Sequence[Any] | N
         raise UserError(checkpoint.damaged_message(path, reason))
     meta = checkpoint.read_meta(path)
     old = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
-    record = run_settings.read(output_dir) or {}
+    record = record or {}
     old_data = record.get("data") if isinstance(record.get("data"), dict) else None
     new_data = data_fingerprint(examples, file_digest) if examples is not None and old_data else None
     parts = describe(differences(old, cfg.to_dict()), old_data, new_data)
@@ -241,13 +243,14 @@ def check_resume(cfg: TrainConfig, output_dir: Path, examples: Sequence[Any] | N
     return path
 
 
-def apply_learning_rate(optimizer: Any, lr_scheduler: Any, lr: float) -> None:
-    """After the optimizer and scheduler states are restored (which restores the old base rate), makes the
-    new run's rate and schedule the ones in effect from the resumed step on; no change if both are as saved."""
+def apply_learning_rate(optimizer: Any, lr_scheduler: Any, base_lrs: list[float]) -> None:
+    """After the optimizer and scheduler states are restored (which restores the old base rate), makes this
+    run's base rates ``base_lrs`` and schedule the ones in effect from the resumed step on; changes nothing
+    if both are as saved."""
     groups = optimizer.param_groups
-    if list(getattr(lr_scheduler, "base_lrs", [])) != [lr] * len(groups):
-        lr_scheduler.base_lrs = [lr] * len(groups)
-        for g in groups:
+    if list(getattr(lr_scheduler, "base_lrs", [])) != list(base_lrs):
+        lr_scheduler.base_lrs = list(base_lrs)
+        for g, lr in zip(groups, base_lrs):
             g["initial_lr"] = lr
     lambdas = getattr(lr_scheduler, "lr_lambdas", None)
     if lambdas is None:
