@@ -39,9 +39,7 @@ def t5_numerics(place: Placement) -> str:
         return "none"
     if mode in ("int8", "nf4"):
         return f"{mode}@cuda"
-    on_cpu = place.t5_device.type == "cpu"
-    dtype = "fp32" if on_cpu and place.weight_dtype == torch.float32 else "bf16"
-    return f"{dtype}@{place.t5_device.type}"
+    return f"{str(place.t5_dtype).removeprefix('torch.')}@{place.t5_device.type}"
 
 
 def text_key(caption: str, src: ModelSource, place: Placement, max_sequence_length: int) -> str:
