@@ -105,6 +105,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         choices=["adamw", "adamw8bit", "prodigy"],
         help="budgets: the optimizer of the train runs (the stock recipe's, unless told). [default: adamw8bit]",
     )
+    p.add_argument(
+        "--refit",
+        metavar="RESULTS",
+        help="Measure nothing (no GPU): fit calibration.json from the stored results in RESULTS (e.g. bench/results,"
+        " runs named in its calibration-sources.json) and write it over the packaged one (docs/calibration.md).",
+    )
+    p.add_argument("--calibration_out", help="--refit: write here instead of the packaged calibration.json.")
     p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
     p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
     return root, subs
@@ -166,7 +173,11 @@ def _cmd_random_model(ns: argparse.Namespace) -> int:
 
 
 def _cmd_bench(ns: argparse.Namespace) -> int:
-    from sd3booth.bench import run_bench
+    if ns.refit:
+        from sd3booth.bench.fit import refit_command
+
+        return refit_command(Path(ns.refit), Path(ns.calibration_out) if ns.calibration_out else None)
+    from sd3booth.bench.run import run_bench
 
     budgets = [None if b == "default" else float(b) for b in ns.budgets.split(",") if b]
     run_bench(
@@ -191,14 +202,18 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def configure_environment() -> None:
+    """Library settings every command runs with; they must be set before CUDA starts (sd3booth.bench.capped
+    calls this before it caps the GPU memory)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # import-time chatter about optional CPU kernels
     # fewer fragments, so reserved memory stays close to allocated (the budgets are on allocated memory)
-    os.environ.setdefault(
-        "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"
-    )  # import-time chatter about optional CPU kernels
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_environment()
     argv = list(sys.argv[1:] if argv is None else argv)
     root, subs = build_parser()
     try:

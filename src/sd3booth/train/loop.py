@@ -232,11 +232,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     main = accelerator.is_main_process
     say = log if main else (lambda _msg: None)
     device = accelerator.device
-    cap = os.environ.get("SD3BOOTH_MEMORY_CAP_GIB")  # set by `sd3booth bench`: exceeding the budget must fail
-    if cap and device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(
-            float(cap) * 2**30 / torch.cuda.get_device_properties(device).total_memory
-        )
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
     memory_plan, budget = plan_for_config(cfg, src.root, total)
