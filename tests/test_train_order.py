@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from sd3booth.train.loop import DataOrder, step_seed
+from sd3booth.train.order import DataOrder, step_seed
 
 
 def test_each_epoch_visits_every_item_once_across_processes():
@@ -15,9 +15,12 @@ def test_each_epoch_visits_every_item_once_across_processes():
     for epoch in range(3):
         seen = [i for m in range(epoch * 2, epoch * 2 + 2) for r in range(3) for i in order.instance_items(m, r)]
         assert sorted(seen) == list(range(12))
-    assert order.instance_items(0, 0) != order.instance_items(2, 0) or order.instance_items(
-        1, 0
-    ) != order.instance_items(3, 0)
+    # each epoch draws its own permutation (seed 7: epochs 0 and 1 differ in their first batch)
+    assert [order.instance_items(m, r) for m in (0, 1) for r in range(3)] != [
+        order.instance_items(m, r) for m in (2, 3) for r in range(3)
+    ]
+    epoch0 = [order.instance_items(m, r) for m in (0, 1) for r in range(3)]
+    assert epoch0 != [[2 * k, 2 * k + 1] for k in range(6)]  # shuffled, not in file order
 
 
 def test_last_partial_batch_is_dropped_and_order_is_stateless():

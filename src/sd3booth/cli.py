@@ -133,6 +133,8 @@ def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
+    from sd3booth.config import TrainConfig
+    from sd3booth.models import placement, source
     from sd3booth.sample import generate_with_lora
 
     lora_path = Path(ns.lora)
@@ -144,6 +146,16 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     if not model:
         raise UserError("generate: no base model; pass --pretrained_model_name_or_path")
     out = Path(ns.output_dir)
+    resolution = ns.resolution or settings.get("resolution") or 1024
+    # the placement a default training run of this model would get, so both share text-cache entries
+    run = TrainConfig(
+        pretrained_model_name_or_path=model,
+        resolution=resolution,
+        t5_precision=ns.t5_precision,
+        max_sequence_length=ns.max_sequence_length,
+    )
+    src = source.resolve_model(model)
+    place = placement.place_run(run, src.root, placement.detect_device())
     paths = generate_with_lora(
         model,
         lora_path,
@@ -153,9 +165,9 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         ns.seed,
         ns.num_inference_steps,
         ns.guidance_scale,
-        ns.resolution or settings.get("resolution") or 1024,
+        resolution,
         ns.max_sequence_length,
-        ns.t5_precision,
+        place,
         Path(ns.cache_dir) if ns.cache_dir else out / "cache",
     )
     for p in paths:

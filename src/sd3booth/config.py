@@ -440,8 +440,3 @@ def validate(cfg: TrainConfig) -> None:
             bad("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'")
         if cfg.num_class_images < 1:
             bad("--num_class_images must be at least 1")
-
-
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """Rebuilds a TrainConfig from a saved settings dict (ignoring keys of newer/older versions)."""
-    return TrainConfig(**{k: v for k, v in values.items() if k in FIELDS})

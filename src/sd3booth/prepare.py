@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,12 +36,10 @@ class Prepared:
     classes: list[dataset.Example]
     text_keys: dict[str, str]  # caption -> key
     latent_keys: dict[tuple[str, bool], str]  # (example uid, flipped) -> key
-    flips: tuple[bool, ...]
     negative_key: str
     validation_key: str | None
     shift_factor: float
     scaling_factor: float
-    warnings: list[str] = field(default_factory=list)
 
 
 _WARNED: set[str] = set()
@@ -177,7 +175,7 @@ def prepare(
             classes = dataset.scan_class_images(Path(cfg.class_data_dir or ""), cfg.class_prompt or "")
         classes = classes[: cfg.num_class_images]
     flips = (False, True) if cfg.random_flip else (False,)
-    specs = [cache_latents.LatentSpec(cfg.resolution, cfg.center_crop, f, place.vae_tiling) for f in flips]
+    specs = [cache_latents.LatentSpec(cfg.resolution, cfg.center_crop, f, place.memory.vae_tiling) for f in flips]
     latent_keys = cache_latents.ensure_latents(instances + classes, specs, src, place, cfg.cache_path, log, stage)
     shift, scale = loaders.vae_latent_params(src)
     return Prepared(
@@ -186,7 +184,6 @@ def prepare(
         classes=classes,
         text_keys=text_keys,
         latent_keys=latent_keys,
-        flips=flips,
         negative_key=text_keys[NEGATIVE_PROMPT],
         validation_key=text_keys[cfg.validation_prompt] if cfg.validation_prompt else None,
         shift_factor=shift,
@@ -199,9 +196,9 @@ def prepare_command(cfg: TrainConfig, log: Callable[[str], None] = print) -> Pre
     from sd3booth.tracking import Stages
 
     source.quiet_libraries()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    place = placement.plan_placement(device, cfg.mixed_precision, cfg.t5_precision)
-    stages = Stages(device)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    place = placement.place_run(cfg, src.root, placement.detect_device())  # the same decision as `train`
+    stages = Stages(place.device)
     prep = prepare(cfg, place, log, stages.stage)
     log(
         f"cached: {len(prep.text_keys)} caption embedding(s), {len(prep.latent_keys)} latent(s), "

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from sd3booth.cache.text import TextEmbedding
+from sd3booth.models.placement import Placement
 
 
 def make_pipeline(transformer: Any, vae: Any, scheduler: Any) -> Any:
@@ -98,19 +99,18 @@ def generate_with_lora(
     guidance: float,
     resolution: int,
     max_sequence_length: int,
-    t5_precision: str,
+    place: Placement,
     cache_dir: Path,
     log: Any = print,
 ) -> list[Path]:
     """``sd3booth generate``: encode the prompt through the text cache, then sample base model + LoRA."""
     from sd3booth.cache import text as cache_text
     from sd3booth.errors import UserError
-    from sd3booth.models import loaders, placement, source
+    from sd3booth.models import loaders, source
 
     source.quiet_libraries()
     src = source.resolve_model(model)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    place = placement.plan_placement(device, None, t5_precision)
+    device = place.device
     keys = cache_text.ensure_text_embeddings([prompt, ""], src, place, cache_dir, max_sequence_length, log)
     emb = cache_text.load_text_embeddings(keys.values(), cache_dir, place.weight_dtype)
     pipe = make_pipeline(

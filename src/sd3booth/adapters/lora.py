@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -100,8 +99,3 @@ def save_lora(transformer: torch.nn.Module, out_dir: Path, rank: int, alpha: int
         )
         os.replace(Path(tmp) / LORA_FILE, out_dir / LORA_FILE)
     return out_dir / LORA_FILE
-
-
-def lora_summary(transformer: torch.nn.Module) -> dict[str, Any]:
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    return {"trainable_params": sum(p.numel() for p in params), "tensors": len(params)}

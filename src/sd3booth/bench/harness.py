@@ -102,12 +102,12 @@ def lora_step(
 
 
 def placement_for(dev: torch.device, t5: str = "bf16", **plan: Any) -> Any:
-    """The Placement the trainer would build for a memory plan with these fields (``plan.choose.Plan``: base,
-    checkpoint_blocks, swap_blocks, activation_offload, vae_tiling...), bf16 mixed precision."""
-    from sd3booth.models import placement
+    """The Placement the trainer would decide for a memory plan with these fields (``plan.choose.Plan``: base,
+    checkpoint_blocks, swap_blocks, activation_offload, vae_tiling...) on ``dev``, bf16 mixed precision."""
+    from sd3booth.models.placement import decide, detect_device
     from sd3booth.plan.choose import Plan
 
-    return placement.plan_placement(dev, "bf16", t5, Plan(t5=t5, **plan))
+    return decide(detect_device(dev), "bf16", Plan(t5=t5, **plan))
 
 
 def our_lora_model(src: Any, place: Any, rank: int = RANK) -> tuple[Any, list[torch.Tensor]]:

@@ -34,7 +34,8 @@ class LatentSpec:
     tiled: bool = False  # tiled encoding blends tile seams: slightly different latents, so its own entries
 
 
-def latent_key(digest: str, spec: LatentSpec, vae_identity: str) -> str:
+def latent_key(digest: str, spec: LatentSpec, vae_identity: str, vae_numerics: str) -> str:
+    """Everything that changes the stored latent: image bytes, size, crop, flip, tiling, VAE and its dtype/device."""
     return content_key(
         kind="latent",
         image=digest,
@@ -43,6 +44,7 @@ def latent_key(digest: str, spec: LatentSpec, vae_identity: str) -> str:
         flip=spec.flip,
         tiled=spec.tiled,
         vae=vae_identity,
+        numerics=vae_numerics,
     )
 
 
@@ -61,12 +63,13 @@ def ensure_latents(
     """
     store = TensorStore(cache_root / "latents")
     vae_id = src.identity("vae")
+    numerics = f"{str(place.vae_dtype).removeprefix('torch.')}@{place.device.type}"
     keys: dict[tuple[str, bool], str] = {}
     todo: list[tuple[dataset.Example, LatentSpec, str]] = []
     for ex in examples:
         digest = dataset.file_digest(ex.path)
         for spec in specs:
-            k = latent_key(digest, spec, vae_id)
+            k = latent_key(digest, spec, vae_id, numerics)
             keys[(ex.uid, spec.flip)] = k
             if not store.has(k):
                 todo.append((ex, spec, k))

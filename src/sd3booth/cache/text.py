@@ -29,10 +29,37 @@ class TextEmbedding:
     pooled: torch.Tensor  # (pooled_projection_dim,)
 
 
-def text_key(caption: str, src: ModelSource, t5_precision: str, max_sequence_length: int) -> str:
-    """Cache key of one caption's embedding: caption, the three encoders' identities, T5 precision, length."""
-    ids = [src.identity(c) for c in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer_3")]
-    return content_key(kind="text", caption=caption, encoders=ids, t5=t5_precision, t5_len=max_sequence_length)
+def t5_numerics(place: Placement) -> str:
+    """What decides T5's output numerically: weights format, compute dtype and device kind.
+
+    ``stream`` keeps bf16 weights and computes on the GPU exactly as a resident bf16 T5 does, so the two share
+    entries; ``cpu`` computes on the CPU (fp32 when the run is fp32), int8/nf4 change the weights.
+    """
+    mode = place.memory.t5
+    if mode == "none":
+        return "none"
+    if mode in ("int8", "nf4"):
+        return f"{mode}@cuda"
+    on_cpu = place.t5_device.type == "cpu"
+    dtype = "fp32" if on_cpu and place.weight_dtype == torch.float32 else "bf16"
+    return f"{dtype}@{place.t5_device.type}"
+
+
+def text_key(caption: str, src: ModelSource, place: Placement, max_sequence_length: int) -> str:
+    """Cache key of one caption's embedding: everything that changes the stored tensor.
+
+    The caption; the identity of the three encoders and three tokenizers; the CLIP compute dtype and device;
+    T5's numerics (see :func:`t5_numerics`); the T5 sequence length.
+    """
+    parts = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+    return content_key(
+        kind="text",
+        caption=caption,
+        components=[src.identity(c) for c in parts],
+        clip=f"{str(place.text_dtype).removeprefix('torch.')}@{place.device.type}",
+        t5=t5_numerics(place),
+        t5_len=max_sequence_length,
+    )
 
 
 def _clip_embed(tok, enc, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +106,7 @@ def ensure_text_embeddings(
     next one loads; intermediate states wait in CPU memory.
     """
     store = TensorStore(cache_root / "text")
-    keys = {c: text_key(c, src, place.t5_precision, max_sequence_length) for c in dict.fromkeys(captions)}
+    keys = {c: text_key(c, src, place, max_sequence_length) for c in dict.fromkeys(captions)}
     todo = [c for c, k in keys.items() if not store.has(k)]
     if not todo:
         return keys
@@ -90,22 +117,22 @@ def ensure_text_embeddings(
         for index, name in ((1, "CLIP-L"), (2, "CLIP-G")):
             with stage(f"text encoder {name}"):
                 tok, enc = loaders.load_text_encoder(src, index, place)
-                for chunk in _batches(todo, place.text_batch):
+                for chunk in _batches(todo, place.memory.text_batch):
                     h, p = encode_batch(tok, enc, index, chunk, place.device)
                     clip_states[index - 1].append(h)
                     pooled[index - 1].append(p)
                 loaders.free(enc)
                 del enc
-        if place.t5_precision == "none":
+        if place.memory.t5 == "none":
             cfg = json.loads((src.root / "transformer" / "config.json").read_text(encoding="utf-8"))
             t5 = torch.zeros(len(todo), max_sequence_length, cfg["joint_attention_dim"])
         else:
-            with stage(f"text encoder T5 ({place.t5_precision})"):
+            with stage(f"text encoder T5 ({place.memory.t5})"):
                 tok, enc = loaders.load_text_encoder(src, 3, place)
                 t5 = torch.cat(
                     [
                         encode_batch(tok, enc, 3, chunk, place.t5_device, max_sequence_length)[0]
-                        for chunk in _batches(todo, place.text_batch)
+                        for chunk in _batches(todo, place.memory.text_batch)
                     ]
                 )
                 loaders.free(enc)

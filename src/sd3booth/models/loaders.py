@@ -37,12 +37,12 @@ def load_text_encoder(src: ModelSource, index: int, place: Placement) -> tuple[A
             src.root / f"text_encoder{sub}", dtype=place.text_dtype, **kw
         )
         model.to(place.device)
-    elif place.t5_precision in ("int8", "nf4"):
+    elif place.memory.t5 in ("int8", "nf4"):
         from transformers import BitsAndBytesConfig
 
         q = (
             BitsAndBytesConfig(load_in_8bit=True)
-            if place.t5_precision == "int8"
+            if place.memory.t5 == "int8"
             else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
         )
         # bf16, not fp16: in fp16 transformers keeps T5's FFN `wo` in fp32 (+2 GB) and T5 overflows.
@@ -53,7 +53,7 @@ def load_text_encoder(src: ModelSource, index: int, place: Placement) -> tuple[A
             device_map={"": place.device},
             **kw,
         )
-    elif place.t5_precision == "stream":
+    elif place.memory.t5 == "stream":
         from accelerate import cpu_offload
 
         # bf16 weights stay in CPU memory; accelerate's hooks copy each layer in just before it runs.
@@ -74,7 +74,7 @@ def load_vae(src: ModelSource, place: Placement) -> Any:
 
     kw: dict[str, Any] = {"variant": src.variant} if src.variant else {}
     vae = AutoencoderKL.from_pretrained(src.root / "vae", torch_dtype=place.vae_dtype, **kw)
-    if place.vae_tiling:
+    if place.memory.vae_tiling:
         # half-size tiles: the config's own tile size is the full 1024 training size, which tiles nothing
         vae.enable_tiling()
         vae.tile_sample_min_size = vae.config.sample_size // 2
@@ -91,7 +91,7 @@ def load_transformer(src: ModelSource, place: Placement) -> Any:
     from diffusers import SD3Transformer2DModel
 
     kw: dict[str, Any] = {"variant": src.variant} if src.variant else {}
-    if place.base == "nf4" and place.device.type == "cuda":
+    if place.memory.base == "nf4" and place.device.type == "cuda":
         from diffusers import BitsAndBytesConfig
 
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=place.weight_dtype)
@@ -105,10 +105,10 @@ def load_transformer(src: ModelSource, place: Placement) -> Any:
         return model.requires_grad_(False)
     model = SD3Transformer2DModel.from_pretrained(src.root / "transformer", torch_dtype=place.weight_dtype, **kw)
     model.requires_grad_(False)
-    if not place.swap_blocks:
+    if not place.memory.swap_blocks:
         return model.to(place.device)
     for i, block in enumerate(model.transformer_blocks):
-        if i >= place.swap_blocks:
+        if i >= place.memory.swap_blocks:
             block.to(place.device)
     for name, child in model.named_children():
         if name != "transformer_blocks":
@@ -122,7 +122,7 @@ def apply_fp8_storage(model: Any, place: Placement) -> None:
     diffusers' default skip list matches the AdaLN ``norm*.linear`` layers (a third of the model); this one
     skips only embeddings, the output layers and the LoRA adapters (sd3-facts §5).
     """
-    if place.base != "fp8":
+    if place.memory.base != "fp8":
         return
     skip = ("pos_embed", "patch_embed", "context_embedder", "time_text_embed", "norm_out", "proj_out", "lora_")
     model.enable_layerwise_casting(
@@ -139,11 +139,11 @@ def attach_memory_savers(model: Any, place: Placement) -> Any:
     from sd3booth.models.offload import BlockSwapper, selective_checkpointing
 
     blocks = model.transformer_blocks
-    if place.checkpoint_blocks:
-        chosen = range(min(place.checkpoint_blocks, len(blocks)))
+    if place.memory.checkpoint_blocks:
+        chosen = range(min(place.memory.checkpoint_blocks, len(blocks)))
         model.enable_gradient_checkpointing(gradient_checkpointing_func=selective_checkpointing(chosen, blocks))
-    if place.swap_blocks:
-        swapper = BlockSwapper(blocks, range(min(place.swap_blocks, len(blocks))), place.device)
+    if place.memory.swap_blocks:
+        swapper = BlockSwapper(blocks, range(min(place.memory.swap_blocks, len(blocks))), place.device)
         model.to(place.device)  # what stays resident in swapped blocks (LoRA, norms) joins the rest on the GPU
         return swapper
     return None

@@ -1,77 +1,106 @@
-"""Where and in which precision each stage runs: decided once, from the device, the settings and the memory plan."""
+"""Where and in which precision each stage runs, decided in one place.
+
+:func:`place_run` is the only way a command (``train``, ``prepare``, ``generate``, the bench's budget runs)
+gets a :class:`Placement`: from the device's capabilities (:class:`DeviceInfo`, detected once or injected by
+a test), the user's settings and the memory plan. Because the text-cache key carries the T5 mode and the
+latent key the VAE tiling and dtype, two commands that decided differently would miss each other's caches;
+deciding once makes ``prepare`` then ``train`` reuse every entry.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from sd3booth.errors import UserError
+from sd3booth.plan.choose import Plan, plan_for_config
 
-# ---- placement and precision ------------------------------------------------------------------------
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the run's device can do. :func:`detect_device` reads it from CUDA; tests construct it directly to
+    simulate a GPU on a CPU-only machine."""
+
+    type: str = "cpu"  # "cuda" | "cpu"
+    index: int = 0
+    total_gib: float | None = None  # the card's memory (None on the CPU)
+    bf16: bool = False  # bf16 compute supported
+    name: str = "cpu"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.type, self.index) if self.type == "cuda" else torch.device("cpu")
+
+
+def detect_device(device: torch.device | None = None) -> DeviceInfo:
+    """The first GPU if there is one (or the given device), else the CPU."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type != "cuda":
+        return DeviceInfo()
+    props = torch.cuda.get_device_properties(device)
+    return DeviceInfo(
+        type="cuda",
+        index=device.index or 0,
+        total_gib=props.total_memory / GIB,
+        bf16=torch.cuda.is_bf16_supported(),
+        name=props.name,
+    )
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where and in which precision each stage runs: the one object every stage asks. Built by
-    :func:`plan_placement` from the device, the precision flags and the memory plan (``plan.Plan``)."""
+    """Devices and dtypes of every stage, plus the memory plan (``plan.choose.Plan``) they follow.
+
+    Memory options live only in ``memory``: a new option is a field of ``Plan`` and nothing here changes.
+    """
 
     device: torch.device
-    weight_dtype: torch.dtype  # compute dtype of the frozen transformer (its storage too when base is bf16)
     mixed_precision: str  # "no" | "fp16" | "bf16" (autocast; LoRA params stay fp32)
+    weight_dtype: torch.dtype  # compute dtype of the frozen transformer (its storage too when base is bf16)
     text_dtype: torch.dtype  # CLIP encoders
-    t5_precision: str  # bf16 | int8 | nf4 | stream | cpu | none
     vae_dtype: torch.dtype
-    base: str = "bf16"  # transformer storage: bf16 (= weight_dtype) | fp8 | nf4
-    checkpoint_blocks: int = 0
-    swap_blocks: int = 0
-    activation_offload: bool = False
-    vae_tiling: bool = False
-    text_batch: int = 8
+    memory: Plan = Plan()
+    budget_gib: float = 0.0  # 0 on the CPU: no budget applies
 
     @property
     def t5_device(self) -> torch.device:
-        return torch.device("cpu") if self.t5_precision == "cpu" else self.device
+        return torch.device("cpu") if self.memory.t5 == "cpu" else self.device
 
 
-def default_mixed_precision(device: torch.device) -> str:
-    if device.type != "cuda":
+def default_mixed_precision(info: DeviceInfo) -> str:
+    if info.type != "cuda":
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if info.bf16 else "fp16"
 
 
-def plan_placement(device: torch.device, mixed_precision: str | None, t5_precision: str, plan: Any = None) -> Placement:
-    """Decides every dtype and placement from the device, the user's precision flags and the memory plan."""
-    mp = mixed_precision or default_mixed_precision(device)
-    t5 = plan.t5 if plan is not None else ("bf16" if t5_precision == "auto" else t5_precision)
-    base = plan.base if plan is not None else "bf16"
-    if device.type != "cuda":
-        if t5 in ("int8", "nf4") or base == "nf4":
+def decide(info: DeviceInfo, mixed_precision: str | None, memory: Plan, budget_gib: float = 0.0) -> Placement:
+    """Every dtype and device, from the device's capabilities, the precision flag and the memory plan."""
+    mp = mixed_precision or default_mixed_precision(info)
+    if info.type != "cuda":
+        if memory.t5 in ("int8", "nf4") or memory.base == "nf4":
             raise UserError("NF4 and int8 weights need a CUDA GPU (bitsandbytes); use bf16 or cpu on this machine")
         if mp == "fp16":
             raise UserError("--mixed_precision fp16 needs a GPU; use no or bf16 on the CPU")
-        if t5 == "stream":
-            t5 = "cpu"  # nothing to stream to
+        if memory.t5 == "stream":
+            memory = replace(memory, t5="cpu")  # nothing to stream to
+    elif mp == "bf16" and not info.bf16:
+        raise UserError(f"--mixed_precision bf16: {info.name} has no bf16 support; use fp16 or leave it unset")
     weight = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
     # The SD3 VAE overflows in fp16, so it stays fp32 there (as the reference does) and bf16 otherwise.
     vae = torch.float32 if mp in ("no", "fp16") else torch.bfloat16
-    extra: dict[str, Any] = {}
-    if plan is not None:
-        extra = dict(
-            base=base,
-            checkpoint_blocks=plan.checkpoint_blocks,
-            swap_blocks=plan.swap_blocks,
-            activation_offload=plan.activation_offload,
-            vae_tiling=plan.vae_tiling,
-            text_batch=plan.text_batch,
-        )
-    return Placement(
-        device=device,
-        weight_dtype=weight,
-        mixed_precision=mp,
-        text_dtype=weight,
-        t5_precision=t5,
-        vae_dtype=vae,
-        **extra,
-    )
+    return Placement(info.device, mp, weight, weight, vae, memory, budget_gib)
+
+
+def place_run(cfg: Any, model_root: Path, info: DeviceInfo, cal: dict[str, Any] | None = None) -> Placement:
+    """The placement of a run (a ``TrainConfig``): its memory plan for the device, then every dtype and device.
+
+    ``train``, ``prepare`` and ``generate`` all call this, so they agree on every choice that keys a cache.
+    """
+    memory, budget = plan_for_config(cfg, model_root, info.total_gib if info.type == "cuda" else None, cal)
+    return decide(info, cfg.mixed_precision, memory, budget)

@@ -13,7 +13,6 @@ from pathlib import Path
 from sd3booth.errors import UserError
 
 SD3_PIPELINES = {"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"}
-COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def quiet_libraries() -> None:

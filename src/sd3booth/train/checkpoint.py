@@ -83,3 +83,37 @@ def load(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], dict
     lora = load_file(path / "lora.safetensors")
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     return int(meta["step"]), lora, state, meta
+
+
+def save_training_state(
+    root: Path,
+    step: int,
+    net: Any,
+    optimizer: Any,
+    lr_scheduler: Any,
+    scaler: Any,
+    rank: int,
+    alpha: int,
+    meta: dict[str, Any],
+    total_limit: int | None,
+    scratch: Path,
+) -> Path:
+    """A checkpoint of a training run: raw LoRA, optimizer/scheduler/scaler states and the exported LoRA file."""
+    from sd3booth.adapters import lora
+
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".ckpt-lora-") as tmp:
+        exported = lora.save_lora(net, Path(tmp), rank, alpha)
+        return save(
+            root,
+            step,
+            lora.lora_state(net),
+            state,
+            meta,
+            extra_files={lora.LORA_FILE: exported},
+            total_limit=total_limit,
+        )

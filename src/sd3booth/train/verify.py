@@ -1,0 +1,59 @@
+"""Every check of the settings and inputs that needs no model weights: fails in seconds, writes nothing."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from sd3booth.adapters import lora
+from sd3booth.config import TrainConfig
+from sd3booth.errors import UserError
+from sd3booth.models import source
+from sd3booth.prepare import scan_data
+from sd3booth.train import checkpoint
+from sd3booth.train.settings import SETTINGS_FILE
+
+
+def _writable_folder(path: Path, flag: str) -> None:
+    """The folder may not exist yet, but nothing on its way may be a file."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"{flag} {path}: {p} is a file, not a folder; choose another path")
+            return
+
+
+def verify(cfg: TrainConfig) -> None:
+    """Raises UserError for any mistake found before models load; runs before anything is created or changed,
+    so a mistake costs seconds and no saved file."""
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    if cfg.instance_data_dir and not Path(cfg.instance_data_dir).is_dir():
+        raise UserError(f"--instance_data_dir {cfg.instance_data_dir} is not a folder; pass the folder of your photos")
+    out = Path(cfg.output_dir)
+    _writable_folder(out, "--output_dir")
+    _writable_folder(cfg.cache_path, "--cache_dir")
+    if cfg.with_prior_preservation:
+        _writable_folder(Path(cfg.class_data_dir or ""), "--class_data_dir")
+    if cfg.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(cfg.report_to) is None:
+        raise UserError(
+            f"--report_to {cfg.report_to} needs the '{cfg.report_to}' package; pip install "
+            f"{cfg.report_to}, or pass --report_to none (metrics.jsonl is always written)"
+        )
+    settings = out / SETTINGS_FILE
+    if settings.is_file() and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
+        raise UserError(
+            f"--output_dir {out} holds another run ({SETTINGS_FILE}); continue it with --resume_from_checkpoint "
+            "latest, replace it with --overwrite_output_dir (the cache is kept), or choose another folder"
+        )
+    if cfg.resume_from_checkpoint:
+        checkpoint.find(out / "checkpoints", cfg.resume_from_checkpoint)
+    if Path(cfg.data_dir or "").is_dir():
+        scan_data(cfg, log=lambda m: None)  # data errors now, not after the text encoders ran
+    # LoRA targets against the architecture, built on the meta device (no memory, no weights)
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        skeleton = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(src.root / "transformer"))
+    lora.resolve_targets(skeleton, cfg.target_layers, cfg.target_blocks)
