@@ -1,8 +1,5 @@
 """Text and latent caches: equal to the pipeline's own maths, encoded once, keyed by content."""
 
-import json
-import shutil
-
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
@@ -65,22 +62,6 @@ def test_each_distinct_caption_is_encoded_once(tiny_model, tmp_path, place, monk
     assert loads == [1, 2, 3, 1, 2, 3] and encoded[-2:] == ["c", "c"]  # only the new caption
 
 
-def test_text_key_changes_with_everything_that_changes_the_embedding(tiny_model, tmp_path):
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model, model)
-    src = resolve_model(str(model))
-    k = cache_text.text_key("cap", src, "bf16", 77)
-    assert k == cache_text.text_key("cap", resolve_model(str(model)), "bf16", 77)
-    assert k != cache_text.text_key("cap ", src, "bf16", 77)
-    assert k != cache_text.text_key("cap", src, "nf4", 77)
-    assert k != cache_text.text_key("cap", src, "bf16", 154)
-    cfg_path = model / "text_encoder_3" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["layer_norm_epsilon"] = 1e-5
-    cfg_path.write_text(json.dumps(cfg))
-    assert k != cache_text.text_key("cap", resolve_model(str(model)), "bf16", 77)
-
-
 def test_latents_are_keyed_by_content_not_name_or_position(tiny_model, tmp_path, place, monkeypatch):
     src = resolve_model(str(tiny_model))
     d = tmp_path / "data"
@@ -103,7 +84,7 @@ def test_latents_are_keyed_by_content_not_name_or_position(tiny_model, tmp_path,
     d2 = tmp_path / "d2"
     dataset.write_demo_like_dataset(d2, n=1, size=80, seed=5)
     other = dataset.scan_images(d2)[0]
-    k_other = cache_latents.latent_key(dataset.file_digest(other.path), spec[0], src.identity("vae"))
+    k_other = cache_latents.latent_key(dataset.file_digest(other.path), spec[0], src.identity("vae"), "float32@cpu")
     assert k_other not in keys.values()
 
 

@@ -58,12 +58,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--num_inference_steps", type=int, default=28, help="Sampling steps. [default: 28]")
     p.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance. [default: 7.0]")
     p.add_argument("--resolution", type=int, help="Image size (default: the training resolution, else 1024).")
-    p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens of the prompt. [default: 256]")
+    p.add_argument(
+        "--max_sequence_length",
+        type=int,
+        help="T5 tokens of the prompt (default: the training run's, else 256).",
+    )
     p.add_argument(
         "--t5_precision",
-        default="bf16",
-        choices=["bf16", "int8", "nf4", "cpu", "none"],
-        help="How T5 runs while the prompt is encoded. [default: bf16]",
+        choices=["auto", "bf16", "int8", "nf4", "stream", "cpu", "none"],
+        help="How T5 runs while the prompt is encoded (default: the training run's, else auto = the planner's).",
     )
     p.add_argument("--output_dir", default="generated", help="Where the PNGs go. [default: generated]")
     p.add_argument("--cache_dir", help="Text-embedding cache (default: OUTPUT_DIR/cache).")
@@ -147,12 +150,13 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         raise UserError("generate: no base model; pass --pretrained_model_name_or_path")
     out = Path(ns.output_dir)
     resolution = ns.resolution or settings.get("resolution") or 1024
-    # the placement a default training run of this model would get, so both share text-cache entries
+    # the placement the training run got (its settings, else a default run's), so both share text-cache entries
     run = TrainConfig(
         pretrained_model_name_or_path=model,
         resolution=resolution,
-        t5_precision=ns.t5_precision,
-        max_sequence_length=ns.max_sequence_length,
+        t5_precision=ns.t5_precision or settings.get("t5_precision") or "auto",
+        max_sequence_length=ns.max_sequence_length or settings.get("max_sequence_length") or 256,
+        mixed_precision=settings.get("mixed_precision"),
     )
     src = source.resolve_model(model)
     place = placement.place_run(run, src.root, placement.detect_device())
@@ -166,7 +170,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         ns.num_inference_steps,
         ns.guidance_scale,
         resolution,
-        ns.max_sequence_length,
+        run.max_sequence_length,
         place,
         Path(ns.cache_dir) if ns.cache_dir else out / "cache",
     )
