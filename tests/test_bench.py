@@ -153,12 +153,14 @@ def test_budget_command_trains_the_workload_the_fit_assumes(tiny_model, tmp_path
 
 
 def test_capped_runner_caps_then_runs_the_cli(monkeypatch):
-    import torch
+    import runpy
+    import sys
 
-    from sd3booth import cli
+    import torch
 
     calls = {}
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * 2**30}))
 
@@ -168,12 +170,25 @@ def test_capped_runner_caps_then_runs_the_cli(monkeypatch):
         calls["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # set before CUDA starts
         calls["fraction"] = fraction
 
+    def program(name: str, run_name: str, alter_sys: bool) -> None:
+        calls["program"] = (name, run_name, sys.argv[1:])
+        raise SystemExit(7)
+
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", cap)
-    monkeypatch.setattr(cli, "main", lambda argv: calls.setdefault("argv", argv) and 7)
+    monkeypatch.setattr(runpy, "run_module", program)
     assert capped.main(["4", "train", "--rank", "4"]) == 7
-    assert calls == {"alloc_conf": "expandable_segments:True", "fraction": 4 / 80, "argv": ["train", "--rank", "4"]}
+    assert calls == {"alloc_conf": "expandable_segments:True", "fraction": 4 / 80,
+                     "program": ("sd3booth", "__main__", ["train", "--rank", "4"])}  # fmt: skip
     assert capped.cap_fraction(100, 80 * 2**30) == 1.0
     assert capped.main([]) == 2
+
+
+def test_capped_runner_runs_the_real_cli(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert capped.run_program(["bench", "--help"]) == 0
+    assert "--refit" in capsys.readouterr().out
 
 
 def test_the_core_reads_no_bench_setting():

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from sd3booth import configure_environment
 from sd3booth.config import FIELDS, add_train_arguments, build_config, closest
 from sd3booth.errors import UserError
 
@@ -216,16 +215,6 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
     run_demo(Path(ns.output_dir))
     return 0
-
-
-def configure_environment() -> None:
-    """Library settings every command runs with; they must be set before CUDA starts (sd3booth.bench.capped
-    calls this before it caps the GPU memory)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # import-time chatter about optional CPU kernels
-    # fewer fragments, so reserved memory stays close to allocated (the budgets are on allocated memory)
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def main(argv: list[str] | None = None) -> int:
