@@ -1,4 +1,5 @@
-"""The memory planner (plan.py) and the calibration fit/report of bench.py, on the CPU in seconds.
+"""The memory planner (plan/) and the calibration fit and report of the bench (bench/fit.py, bench/report.py),
+on the CPU in seconds.
 
 Sizes are either read from the tiny random model (checked against torch) or synthetic, mimicking SD3 Medium
 (24 blocks, 2.03e9 transformer params, hidden 1536, CLIP-L 124M, CLIP-G 695M, T5-XXL 4.76e9, VAE 84M).
@@ -482,7 +483,7 @@ def test_plan_for_config_gpu_compile(tiny_model):
 
 
 def test_fit_compiled_recovers_coefficients():
-    from sd3booth.bench_speed import fit_compiled
+    from sd3booth.bench.fit import fit_compiled
 
     truth = copy.deepcopy(load_calibration())
     truth["coefficients"].update(act_full_compiled=20.0, act_checkpointed_compiled=1.5)
@@ -608,7 +609,7 @@ def _measured(truth: dict) -> dict:
 
 
 def test_fit_calibration_recovers_known_coefficients():
-    from sd3booth.bench import fit_calibration
+    from sd3booth.bench.fit import fit_calibration
 
     truth = _truth_calibration()
     measured = _measured(truth)
@@ -636,7 +637,7 @@ def test_fit_calibration_recovers_known_coefficients():
 
 def test_fit_calibration_predicts_like_the_truth():
     """Fit and predict use one formula: the fitted calibration predicts what the measuring GPU showed."""
-    from sd3booth.bench import fit_calibration
+    from sd3booth.bench.fit import fit_calibration
 
     truth = _truth_calibration()
     fitted = fit_calibration(_measured(truth), load_calibration())
@@ -652,7 +653,7 @@ def test_fit_calibration_predicts_like_the_truth():
 
 
 def test_fit_calibration_survives_a_failed_option():
-    from sd3booth.bench import fit_calibration
+    from sd3booth.bench.fit import fit_calibration
 
     measured = _measured(_truth_calibration())
     measured["train"] = [
@@ -707,7 +708,7 @@ def _rows(md: str) -> list[str]:
 
 
 def test_markdown_renders_every_row():
-    from sd3booth.bench import markdown
+    from sd3booth.bench.report import markdown
 
     result = _result()
     md = markdown(result)
@@ -745,7 +746,7 @@ def test_markdown_renders_every_row():
 
 
 def test_markdown_optional_parts_absent():
-    from sd3booth.bench import markdown
+    from sd3booth.bench.report import markdown
 
     result = {k: v for k, v in _result().items() if k not in ("stock", "calibrate")}
     md = markdown(result)
@@ -754,7 +755,7 @@ def test_markdown_optional_parts_absent():
 
 
 def test_markdown_failed_train_option():
-    from sd3booth.bench import markdown
+    from sd3booth.bench.report import markdown
 
     result = _result()
     failed = {k: result["calibrate"]["train"][-1][k]
