@@ -65,11 +65,46 @@ def read_run(run: Path, log_every: int) -> dict[str, Any]:
     }
     if metrics[0]["step"] == 1:  # logged alone: compiled runs, or logging every step
         row["first_step_s"] = round(metrics[0]["s_per_step"], 2)
+    row["stages_process_gpu"] = {s["stage"]: s.get("peak_process_gpu_gib") for s in stages}
+    row["stages_host_rss"] = {s["stage"]: s.get("peak_host_rss_gib") for s in stages}
     row["plan"] = {k: plan[k] for k in PLAN_SETTINGS}
     row["predicted_s_per_step"] = plan["predicted_s_per_step"]
     row["predicted_peak_gib"] = max(plan["predicted"].values())
     row["predicted"] = plan["predicted"]
+    if plan.get("allocator_cap_gib"):  # since the budget counts the whole process (issue #10)
+        cap = plan["allocator_cap_gib"]
+        row["allocator_cap_gib"] = cap
+        row["predicted_process_gib"] = round(row["predicted_peak_gib"] + plan["budget_gib"] - cap, 3)
+        row["predicted_host_gib"] = max(plan["predicted_host"].values())
     return row
+
+
+def run_sampled(cmd: list[str], interval: float = 0.1) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Runs ``cmd`` while sampling, from outside, its process tree's GPU memory (NVML, as nvidia-smi shows it)
+    and host RSS every ``interval`` s; returns (result, peak GPU GiB, peak host GiB)."""
+    from sd3booth.models.memory import host_rss_gib, process_gpu_gib
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_gpu = peak_host = 0.0
+    import threading
+
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_gpu, peak_host
+        while not done.wait(interval):
+            try:
+                peak_host = max(peak_host, host_rss_gib(proc.pid))
+                peak_gpu = max(peak_gpu, process_gpu_gib(0, proc.pid) or 0.0)
+            except Exception:  # noqa: BLE001 - the process may end between two samples
+                pass
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, err = proc.communicate()
+    done.set()
+    thread.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), round(peak_gpu, 3), round(peak_host, 3)
 
 
 def bench_budgets(
@@ -93,9 +128,10 @@ def bench_budgets(
         run = out / (f"budget-{budget:g}" if budget else "default")
         t0 = time.perf_counter()
         cmd = budget_command(model_dir, photos, run, resolution, steps, optimizer, budget)
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r, gpu, host = run_sampled(cmd)
         row: dict[str, Any] = {"arch": arch, "budget_gib": budget, "optimizer": optimizer, "resolution": resolution,
-                               "rc": r.returncode, "wall_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+                               "rc": r.returncode, "wall_s": round(time.perf_counter() - t0, 1),
+                               "process_gpu_gib": gpu, "host_rss_gib": host}  # fmt: skip
         if r.returncode == 0:
             row.update(read_run(run, 5 if steps >= 15 else 1))
         else:

@@ -222,6 +222,47 @@ def speed_model_terms(run: dict[str, Any]) -> tuple[int, int, int]:
     return tr["num_attention_heads"] * tr["attention_head_dim"], tr["num_layers"], tokens
 
 
+PROCESS_KEYS = ("runtime_overhead_gib", "compiled_extra_gib")
+HOST_KEYS = ("process_gib", "cuda_libs_gib", "load_transient_gib", "t5_act_per_token_gib", "training_extra_gib")
+
+
+def fit_process_host(cal: dict[str, Any], run: dict[str, Any], name: str) -> dict[str, Any]:
+    """``process.*`` and ``host.*`` from budget rows that measured the whole process (NVML process memory and
+    host RSS, sampled from outside) — or, for a file of ``estimates``, those, labelled as such.
+
+    GPU: what lies outside the allocator is the process's NVML peak less the allocator's reserved peak; the
+    median over eager runs is the runtime's, compiled runs add ``compiled_extra_gib``. Host: the training
+    stage's RSS less what the plan keeps there (pinned swapped blocks) fits ``cuda_libs_gib``, the other host
+    terms staying at their stated values."""
+    import statistics
+
+    out = copy.deepcopy(cal)
+    est = run.get("estimates")
+    if est is not None:
+        out["process"] = {**{k: est["process"][k] for k in PROCESS_KEYS}, "source": f"provisional estimates ({name})"}
+        out["host"] = {**{k: est["host"][k] for k in HOST_KEYS}, "source": f"provisional estimates ({name})"}
+        return out
+    rows = [r for r in run["budgets"] if r.get("rc") == 0 and r.get("process_gpu_gib")]
+    outside = lambda r: r["process_gpu_gib"] - r["peak_reserved_gib"]  # noqa: E731
+    eager = [outside(r) for r in rows if not r["plan"].get("compiled")]
+    compiled = [outside(r) for r in rows if r["plan"].get("compiled")]
+    runtime = statistics.median(eager) if eager else min(compiled)
+    extra = max(0.0, statistics.median(compiled) - runtime) if compiled else cal["process"]["compiled_extra_gib"]
+    where = f"fitted by sd3booth bench --parts budgets on {run['device']}, {run['date']}"
+    out["process"] = {"runtime_overhead_gib": round(runtime, 3), "compiled_extra_gib": round(extra, 3), "source": where}
+    h = dict(run.get("host_constants") or {k: cal["host"][k] for k in HOST_KEYS})
+    sizes = ModelSizes(**run["sizes"])
+    libs = []
+    for r in rows:
+        measured = (r.get("stages_host_rss") or {}).get("training")
+        if measured:
+            swapped = r["plan"]["swap_blocks"] * sizes.block_params * cal["bytes_per_param"][r["plan"]["base"]] / GIB
+            libs.append(measured - h["process_gib"] - swapped - h["load_transient_gib"] - h["training_extra_gib"])
+    h["cuda_libs_gib"] = round(statistics.median(libs), 3) if libs else h["cuda_libs_gib"]
+    out["host"] = {**{k: h[k] for k in HOST_KEYS}, "source": where}
+    return out
+
+
 def _with_where(part: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     return {**part, "device": run["device"], "date": run["date"]}
 
@@ -238,6 +279,7 @@ def refit(results: Path) -> dict[str, Any]:
     cal_run, speed_run = read(sources["calibrate"]), read(sources["speed"])
     cal = fit_calibration(_with_where(cal_run["calibrate"], cal_run))
     cal = fit_compiled(cal, _with_where(speed_run["speed"], speed_run), *speed_model_terms(speed_run))
+    cal = fit_process_host(cal, read(sources["process"]), sources["process"])  # the planner's host terms
     sizes = {cal_run["arch"]: ModelSizes(**cal_run["calibrate"]["sizes"])}
     rows, where = [], []
     for name in sources["budgets"]:

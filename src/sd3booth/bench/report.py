@@ -71,6 +71,29 @@ def _budgets(rows: list[dict[str, Any]]) -> list[str]:
             f"{r['peak_gib']:.2f} / {r['peak_reserved_gib']:.2f} | {r['s_per_step']:.3f}{predicted_s} | "
             f"{r.get('first_step_s', '')} | {stages} |"
         )
+    if any("process_gpu_gib" in r for r in rows):
+        lines += ["", *_whole_process(rows)]
+    return lines
+
+
+def _gib(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.2f}" if isinstance(row.get(key), float | int) else "-"
+
+
+def _whole_process(rows: list[dict[str, Any]]) -> list[str]:
+    """What the user's card and computer see (issue #10): NVML process memory and host RSS, sampled from
+    outside the run every 100 ms, beside the planner's predictions and the allocator's peak."""
+    lines = [
+        "| --max_vram | GPU, whole process (nvidia-smi) | predicted | allocator cap | allocated peak "
+        "| host RSS | predicted host |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["rc"] != 0:
+            continue
+        cells = [_gib(r, k) for k in ("process_gpu_gib", "predicted_process_gib", "allocator_cap_gib", "peak_gib",
+                                      "host_rss_gib", "predicted_host_gib")]  # fmt: skip
+        lines.append(f"| {r['budget_gib'] or 'default'} | " + " | ".join(cells) + " |")
     return lines
 
 

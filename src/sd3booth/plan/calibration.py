@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 # the bench part that fits a key; "constant" keys are set here, not measured
-PARTS = ("calibrate", "budgets", "speed", "constant")
+PARTS = ("calibrate", "budgets", "speed", "process", "constant")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,16 @@ SCHEMA: tuple[Key, ...] = (
     Key("time.compiled_factor_none", "ratio", "speed", "compiled / eager s/step, no checkpointing"),
     Key("time.compiled_factor_all", "ratio", "speed", "compiled / eager s/step, all checkpointed"),
     Key("time.launch_bound_fraction_compiled", "ratio", "speed", "launch_bound_fraction, compiled"),
+    Key("process.runtime_overhead_gib", "GiB", "process",
+        "whole-process GPU memory outside the allocator (context, cuBLAS/cuDNN workspaces), when not measured"),
+    Key("process.compiled_extra_gib", "GiB", "process", "more outside the allocator when blocks are compiled"),
+    Key("process.source", "text", "process", "the budget run(s) the process keys come from"),
+    Key("host.process_gib", "GiB", "process", "host RSS of the process itself (Python, torch, tokenizers)"),
+    Key("host.cuda_libs_gib", "GiB", "process", "host RSS the CUDA libraries add once a GPU is used"),
+    Key("host.load_transient_gib", "GiB", "process", "host memory a component passes through while loading"),
+    Key("host.t5_act_per_token_gib", "GiB/token", "process", "host activations of a CPU/streamed T5 per token"),
+    Key("host.training_extra_gib", "GiB", "process", "host RSS the training stage adds (caches, optimizer, hooks)"),
+    Key("host.source", "text", "process", "the run(s) the host keys come from"),
     Key("compiled_source", "text", "speed", "the speed run the speed keys come from (device, date)"),
     Key("decode_source", "text", "budgets", "the budget run(s) pipeline_decode_extra_per_mpx comes from"),
 )  # fmt: skip
