@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
+from sd3booth import configure_environment
 from sd3booth.config import FIELDS, add_train_arguments, build_config, closest
 from sd3booth.errors import UserError, explain
 
@@ -137,6 +137,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         choices=["adamw", "adamw8bit", "prodigy"],
         help="budgets: the optimizer of the train runs (the stock recipe's, unless told). [default: adamw8bit]",
     )
+    p.add_argument(
+        "--refit",
+        metavar="RESULTS",
+        help="Measure nothing (no GPU): fit calibration.json from the stored results in RESULTS (e.g. bench/results,"
+        " runs named in its calibration-sources.json) and write it over the packaged one (docs/calibration.md).",
+    )
+    p.add_argument("--calibration_out", help="--refit: write here instead of the packaged calibration.json.")
     p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
     p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
     for p in (root, *subs.values()):
@@ -274,7 +281,11 @@ def _cmd_random_model(ns: argparse.Namespace) -> int:
 
 
 def _cmd_bench(ns: argparse.Namespace) -> int:
-    from sd3booth.bench import run_bench
+    if ns.refit:
+        from sd3booth.bench.fit import refit_command
+
+        return refit_command(Path(ns.refit), Path(ns.calibration_out) if ns.calibration_out else None)
+    from sd3booth.bench.run import run_bench
 
     budgets = [None if b == "default" else float(b) for b in ns.budgets.split(",") if b]
     run_bench(
@@ -332,11 +343,7 @@ def _dispatch(argv: list[str], root: argparse.ArgumentParser, subs: dict[str, ar
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # fewer fragments, so reserved memory stays close to allocated (the budgets are on allocated memory)
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    configure_environment()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv or os.environ.get("SD3BOOTH_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]

@@ -90,6 +90,12 @@ def _nbytes(obj: Any) -> int:
     return 64
 
 
+def open_output(output_dir: Path) -> list[Path]:
+    """Creates a run's output folder, or cleans the one it continues: see ``clean_interrupted``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return clean_interrupted(output_dir)
+
+
 def clean_interrupted(output_dir: Path) -> list[Path]:
     """Removes the temporary folders and files an interrupted checkpoint or LoRA write left in a run's output
     folder (a run owns its output folder, so none of them is being written now); returns what it removed."""

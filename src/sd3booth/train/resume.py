@@ -78,6 +78,7 @@ MAY_CHANGE: tuple[str, ...] = (
     "max_train_steps",
     "num_train_epochs",
     "max_grad_norm",
+    "max_bad_steps",
     # validation
     "validation_prompt",
     "num_validation_images",
@@ -94,6 +95,7 @@ MAY_CHANGE: tuple[str, ...] = (
     "logging_steps",
     # memory and speed (another GPU, another budget)
     "max_vram",
+    "max_ram",
     "base_precision",
     "blocks_to_swap",
     "checkpoint_blocks",
