@@ -173,7 +173,8 @@ def test_out_of_memory_is_one_line_naming_stage_budget_and_next_budget(tiny_mode
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and "out of GPU memory in stage 'training'" in lines[0] and "--max_vram" in lines[0]
     assert "Traceback" not in err
-    assert (tmp_path / "out" / "settings.json").is_file()  # the caches and settings of the run are kept
+    assert list((tmp_path / "out" / "cache").rglob("*.safetensors"))  # the caches of the run are kept
+    assert not (tmp_path / "out" / "settings.json").exists()  # issue #9: a run that saved nothing writes none
 
 
 def test_out_of_memory_message_names_the_prediction():
