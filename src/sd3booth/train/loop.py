@@ -9,6 +9,7 @@ this file: ``batch`` (a micro-batch from the caches), ``loss`` (the flow-matchin
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -21,7 +22,8 @@ from typing import Any
 
 import torch
 
-from sd3booth.adapters import lora
+from sd3booth.adapters import build, lora
+from sd3booth.adapters import text_encoder as clip_lora
 from sd3booth.cache import latents as cache_latents
 from sd3booth.cache import text as cache_text
 from sd3booth.config import TrainConfig
@@ -29,10 +31,12 @@ from sd3booth.errors import UserError
 from sd3booth.models import loaders, placement, source, speed
 from sd3booth.prepare import Prepared, prepare
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
-from sd3booth.train import checkpoint
+from sd3booth.train import artefacts, checkpoint
 from sd3booth.train.batch import BatchSource, make_batch, to_device
+from sd3booth.train.conditioning import conditioning
+from sd3booth.train.ema import EMA, export_view
 from sd3booth.train.loss import FlowSettings, flow_matching_loss
-from sd3booth.train.optim import make_lr_scheduler, make_optimizer
+from sd3booth.train.optim import make_lr_scheduler, make_optimizer, optimizer_options, schedule_name
 from sd3booth.train.order import DataOrder
 from sd3booth.train.settings import write_settings
 from sd3booth.train.validate import Validator
@@ -74,6 +78,11 @@ class Run:
     start: int = 0
     resume_path: Path | None = None
     validator: Validator | None = None
+    spec: build.AdapterSpec | None = None
+    text: clip_lora.TextEncoders | None = None  # --train_text_encoder: CLIP-L and CLIP-G with their LoRA
+    ema: EMA | None = None
+    class_embedding: Any = None  # --prior_preservation_mode base_model: the cached class-prompt embedding
+    validation_cached: tuple[Any, Any] | None = None  # cached (prompt, negative) embeddings of validation
 
     @property
     def main(self) -> bool:
@@ -139,11 +148,14 @@ def _caches(run: Run) -> None:
         )
     run.prep = prep
     run.batches = BatchSource(
-        prep.instances, prep.classes if cfg.with_prior_preservation else [], items, order, lat, prep.latent_keys,
+        prep.instances, prep.classes if cfg.class_images else [], items, order, lat, prep.latent_keys,
         text, prep.text_keys, cfg.resolution // 8, cfg.center_crop, cfg.random_flip, prep.shift_factor,
         prep.scaling_factor, seed,
     )  # fmt: skip
+    if cfg.base_model_prior:
+        run.class_embedding = text[prep.text_keys[cfg.class_prompt or ""]]
     if run.main and prep.validation_key:
+        run.validation_cached = (text[prep.validation_key], text[prep.negative_key])
         run.validator = Validator(
             prep.src, run.place, out, text[prep.validation_key], text[prep.negative_key], cfg.num_validation_images,
             seed, cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale, cfg.attention_backend,
@@ -157,7 +169,8 @@ def _model(run: Run) -> None:
     with run.stages.stage("load transformer"):
         transformer = loaders.load_transformer(run.prep.src, place)
         targets = lora.resolve_targets(transformer, cfg.target_layers, cfg.target_blocks)
-        run.params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.lora_dropout, targets)
+        run.spec = build.AdapterSpec(cfg.adapter_type, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.lokr_factor)
+        run.params = build.add_adapter(transformer, run.spec, targets)
         loaders.apply_fp8_storage(transformer, place)
         run.swapper = loaders.attach_memory_savers(transformer, place)
     if place.memory.compiled:  # the plan decided (on by default on CUDA with bf16 blocks, see plan/choose.py)
@@ -167,6 +180,11 @@ def _model(run: Run) -> None:
     run.sigmas = scheduler.sigmas.to(place.device)
     run.timesteps = scheduler.timesteps.to(place.device)
     run.transformer = transformer
+    if cfg.train_text_encoder:  # T5 stays cached; the CLIP part of every embedding is recomputed each step
+        with run.stages.stage("load text encoders"):
+            captions = [*run.prep.text_keys, cfg.class_prompt or ""]
+            rank = cfg.text_encoder_rank or cfg.rank
+            run.text = clip_lora.load_text_encoders(run.prep.src, place, captions, rank, cfg.lora_dropout)
 
 
 def _optimization(run: Run) -> None:
@@ -174,30 +192,38 @@ def _optimization(run: Run) -> None:
     accum = cfg.gradient_accumulation_steps
     run.max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(run.batches.order.batches_per_epoch / accum)
     lr = cfg.learning_rate * (accum * cfg.train_batch_size * acc.num_processes if cfg.scale_lr else 1)
-    prodigy = dict(
-        beta3=cfg.prodigy_beta3,
-        decouple=cfg.prodigy_decouple,
-        use_bias_correction=cfg.prodigy_use_bias_correction,
-        safeguard_warmup=cfg.prodigy_safeguard_warmup,
-    )
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    optimizer = make_optimizer(
-        cfg.optimizer_name, run.params, lr, betas, cfg.adam_weight_decay, cfg.adam_epsilon, prodigy
-    )
+    groups = [{"params": run.params}]
+    if run.text is not None:
+        te_lr = cfg.text_encoder_lr or cfg.learning_rate
+        groups.append({"params": run.text.params(), "lr": te_lr * lr / cfg.learning_rate})
+        run.params = [*run.params, *run.text.params()]
+    name, betas = cfg.optimizer_name, (cfg.adam_beta1, cfg.adam_beta2)
+    options = optimizer_options(name, cfg)
+    optimizer = make_optimizer(name, groups, lr, betas, cfg.adam_weight_decay, cfg.adam_epsilon, options)
+    if hasattr(optimizer, "train"):  # schedule-free optimizers start each run in training mode
+        optimizer.train()
     run.lr_scheduler = make_lr_scheduler(
-        cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, run.max_steps, cfg.lr_num_cycles, cfg.lr_power
-    )
+        schedule_name(name, cfg.lr_scheduler), optimizer, cfg.lr_warmup_steps, run.max_steps, cfg.lr_num_cycles,
+        cfg.lr_power,
+    )  # fmt: skip
     run.transformer, run.optimizer = acc.prepare(run.transformer, optimizer)
+    if run.text is not None:
+        run.text.encoders = list(acc.prepare(*run.text.encoders))
+    if cfg.use_ema:
+        device = run.place.device if cfg.ema_device == "gpu" else torch.device("cpu")
+        run.ema = EMA(run.params, cfg.ema_decay, device)
 
 
 def _resume(run: Run) -> None:
     if not run.resume_path:
         return
     start, state, trainer_state, _meta = checkpoint.load(run.resume_path)
-    lora.load_lora_state(run.accelerator.unwrap_model(run.transformer), state, str(run.resume_path))
-    for p in run.params:
-        p.data = p.data.float()
+    artefacts.restore(run, state, str(run.resume_path))
     run.optimizer.optimizer.load_state_dict(trainer_state["optimizer"])
+    if run.ema is not None:
+        if "ema" not in trainer_state:
+            raise UserError(f"{run.resume_path} was saved without --use_ema; resume it without --use_ema")
+        run.ema.load_state_dict(trainer_state["ema"])
     run.lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
     if run.accelerator.scaler is not None and trainer_state.get("scaler"):
         run.accelerator.scaler.load_state_dict(trainer_state["scaler"])
@@ -229,6 +255,7 @@ def micro_step_loss(run: Run, m: int) -> torch.Tensor:
     cfg, place, dev = run.cfg, run.place, run.place.device
     x0, prompt_embeds, pooled = (to_device(t, dev) for t in make_batch(run.batches, m, run.accelerator.process_index))
     offload = torch.autograd.graph.save_on_cpu(pin_memory=dev.type == "cuda")
+    prompt_embeds, pooled, base_prior = conditioning(run, m, x0.shape[0], prompt_embeds, pooled)
 
     def model(x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         with run.accelerator.autocast(), offload if place.memory.activation_offload else contextlib.nullcontext():
@@ -242,9 +269,9 @@ def micro_step_loss(run: Run, m: int) -> torch.Tensor:
 
     flow = FlowSettings(
         cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, bool(cfg.precondition_outputs),
-        cfg.prior_loss_weight,
+        cfg.prior_loss_weight, cfg.loss_type, cfg.huber_c,
     )  # fmt: skip
-    return flow_matching_loss(model, x0, cfg.train_batch_size, run.sigmas, run.timesteps, flow)
+    return flow_matching_loss(model, x0, cfg.train_batch_size, run.sigmas, run.timesteps, flow, base_prior)
 
 
 def optimizer_step(run: Run, step: int) -> torch.Tensor:
@@ -262,6 +289,8 @@ def optimizer_step(run: Run, step: int) -> torch.Tensor:
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update()
     return total
 
 
@@ -289,7 +318,11 @@ def _validation_due(run: Run, step: int) -> bool:
 def _validate(run: Run, step: int) -> None:
     if run.validator is None:
         return
-    with run.stages.stage(f"validation step {step}"):
+    with run.stages.stage(f"validation step {step}"), export_view(run.optimizer.optimizer, run.ema, run.params):
+        if run.text is not None and run.validation_cached:  # the prompts through the text encoders' LoRA
+            prompt, negative = run.validation_cached
+            run.validator.prompt = run.text.embedding(run.cfg.validation_prompt or "", prompt)
+            run.validator.negative = run.text.embedding("", negative)
         images = run.validator(run.accelerator.unwrap_model(run.transformer), step, run.compiled)
     tb = next((t.writer for t in getattr(run.accelerator, "trackers", []) if t.name == "tensorboard"), None)
     if tb is not None:
@@ -301,9 +334,9 @@ def _validate(run: Run, step: int) -> None:
 def _checkpoint(run: Run, step: int) -> None:
     cfg = run.cfg
     checkpoint.save_training_state(
-        run.out / "checkpoints", step, run.accelerator.unwrap_model(run.transformer), run.optimizer.optimizer,
-        run.lr_scheduler, run.accelerator.scaler, cfg.rank, cfg.alpha, {"settings": cfg.to_dict()},
-        cfg.checkpoints_total_limit, run.out,
+        run.out / "checkpoints", step, artefacts.raw_state(run), functools.partial(artefacts.export, run),
+        run.optimizer.optimizer, run.lr_scheduler, run.accelerator.scaler, {"settings": cfg.to_dict()},
+        cfg.checkpoints_total_limit, run.out, {"ema": run.ema.state_dict()} if run.ema else None,
     )  # fmt: skip
 
 
@@ -323,6 +356,8 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
         f"{run.place.mixed_precision} mixed precision"
     )
     run.transformer.train()
+    if run.text is not None:
+        run.text.train()
     bar = tqdm(total=run.max_steps, initial=start, desc="train", unit="step", disable=not run.main, dynamic_ncols=True)
     loss_sum, n, last_loss, step_times = torch.zeros((), device=run.place.device), 0, None, []
     t_log, step = time.perf_counter(), start
@@ -363,8 +398,7 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
     run.accelerator.wait_for_everyone()
     lora_path = None
     if run.main:
-        net = run.accelerator.unwrap_model(run.transformer)
-        lora_path = lora.save_lora(net, run.out, run.cfg.rank, run.cfg.alpha)
+        lora_path = artefacts.export(run, run.out)[0]
         folders = run.validator.folders if run.validator else []
         if run.start < run.max_steps or not any(d.name == f"step-{step}" for d in folders):
             _validate(run, step)
