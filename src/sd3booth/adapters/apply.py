@@ -24,17 +24,23 @@ def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
 
 
 def apply_lycoris(transformer: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> int:
-    """Merges a LoHa/LoKr state (LyCORIS layout) into the transformer's weights; returns the modules merged."""
+    """Hooks a LoHa/LoKr state (LyCORIS layout) into the transformer's Linear layers; returns the modules hooked.
+
+    LyCORIS' forward path, not its ``merge_to``: in lycoris-lora 4.1.3 merging a LoHa applies alpha/rank twice
+    (measured: a file with alpha = 2 rank merged at 4x its delta), while its forward applies it once."""
     from lycoris import create_lycoris_from_weights
 
     wanted = {k.split(".")[0] for k in state}
     if any(not isinstance(m.weight, torch.nn.Parameter) or m.weight.dtype == torch.uint8
            for m in transformer.modules() if isinstance(m, torch.nn.Linear)):  # fmt: skip
-        raise UserError(f"{source}: LoHa/LoKr files merge into bf16/fp32 weights, not quantised ones; raise --max_vram")
+        raise UserError(f"{source}: LoHa/LoKr files apply to bf16/fp32 weights, not quantised ones; raise --max_vram")
     network, _ = create_lycoris_from_weights(1.0, "", transformer, weights_sd=state)
     if len(network.loras) != len(wanted):
         raise UserError(f"{source}: {len(wanted) - len(network.loras)} adapted module(s) are not in this model")
-    network.merge_to()
+    param = next(transformer.parameters())
+    network.to(param.device, param.dtype)
+    network.apply_to()
+    transformer._sd3booth_lycoris = network  # keeps the network with the model it hooks
     return len(network.loras)
 
 
