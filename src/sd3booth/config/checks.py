@@ -111,6 +111,8 @@ def _check_methods(cfg: TrainConfig, bad: Callable[[str], None]) -> None:
         bad(f"--text_encoder_rank must be at least 1, got {cfg.text_encoder_rank}")
     if cfg.text_encoder_lr is not None and cfg.text_encoder_lr <= 0:
         bad(f"--text_encoder_lr must be positive, got {cfg.text_encoder_lr}")
+    if cfg.optimizer == "prodigy" and cfg.text_encoder_lr not in (None, cfg.learning_rate):
+        bad("--optimizer prodigy adapts one learning rate for every parameter; drop --text_encoder_lr")
     if cfg.use_8bit_adam and cfg.optimizer != "adamw":
         bad(f"--use_8bit_adam conflicts with --optimizer {cfg.optimizer}; choose one optimizer")
     if cfg.optimizer == "adamw_schedulefree":

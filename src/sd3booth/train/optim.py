@@ -62,8 +62,8 @@ def make_optimizer(
         return cls(params, lr=lr, betas=opts.get("betas", (0.9, 0.99)), weight_decay=weight_decay)
     if name == "adafactor":
         # an explicit learning rate unless --adafactor_relative_step (then lr must be None for transformers)
-        relative = opts.get("relative_step", False)
-        return cls(params, lr=None if relative else lr, weight_decay=weight_decay, **opts)
+        opts = {"relative_step": False, "scale_parameter": False, "warmup_init": False, **opts}
+        return cls(params, lr=None if opts["relative_step"] else lr, weight_decay=weight_decay, **opts)
     return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, **opts)  # adamw_schedulefree
 
 
