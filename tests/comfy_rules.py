@@ -57,8 +57,9 @@ def sd3_key_map(n_blocks: int, hidden: int) -> dict[str, tuple[str, tuple[int, i
         for d, (sai, third) in SD3_BLOCK_MAP.items():
             module = f"transformer_blocks.{i}.{d}"
             target = (f"joint_blocks.{i}.{sai}.weight", None if third is None else (third * hidden, hidden))
-            for name in (f"transformer.{module}", f"base_model.model.{module}",
-                         "lora_transformer_" + module.replace(".", "_"), "lycoris_" + module.replace(".", "_")):  # fmt: skip
+            flat = module.replace(".", "_")
+            for name in (f"transformer.{module}", f"base_model.model.{module}", f"lora_transformer_{flat}",
+                         f"lycoris_{flat}"):  # fmt: skip
                 out[name] = target
     return out
 
@@ -69,8 +70,8 @@ def clip_key_map(n_layers: dict[str, int]) -> dict[str, tuple[str, None]]:
     for prefix, clip in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
         for b in range(n_layers[prefix]):
             for m in CLIP_LAYER_MODULES:
-                out[f"{prefix}.text_model.encoder.layers.{b}.{m}"] = (f"{clip}.text_model.encoder.layers.{b}.{m}.weight",
-                                                                    None)  # fmt: skip
+                key = f"text_model.encoder.layers.{b}.{m}"
+                out[f"{prefix}.{key}"] = (f"{clip}.{key}.weight", None)
     return out
 
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import comfy_rules
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -17,7 +18,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
 
-import comfy_rules
 from sd3booth.adapters import apply, formats, text_encoder
 from sd3booth.adapters.build import AdapterSpec, add_adapter
 from sd3booth.cli import main
@@ -46,7 +46,8 @@ KINDS = ("lora", "dora", "loha", "lokr")
 def _args(tiny_model, data, out, *extra):
     return ["train", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(data),
             "--instance_prompt", "a photo of sks toy", "--output_dir", str(out), "--cache_dir",
-            str(out.parent / "cache"), "--train_batch_size", "2", "--checkpointing_steps", "2", *FAST, *extra]  # fmt: skip
+            str(out.parent / "cache"), "--train_batch_size", "2", "--checkpointing_steps", "2", *FAST,
+            *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def test_comfyui_rules_consume_every_key_and_merge_to_our_weights(tiny_model, tm
         sai, third = comfy_rules.SD3_BLOCK_MAP[d]
         got = merged[f"joint_blocks.{block}.{sai}.weight"]
         got = got[third * hidden : (third + 1) * hidden] if third is not None else got
-        assert not torch.allclose(weight, getattr(dict(net.named_modules())[module], "base_layer").weight)
+        assert not torch.allclose(weight, dict(net.named_modules())[module].base_layer.weight)
         torch.testing.assert_close(got, weight, rtol=1e-5, atol=1e-5, msg=f"{kind} {module}")
     if kind in ("loha", "lokr"):  # the second consumer: LyCORIS' own reader of its layout
         fresh = SD3Transformer2DModel.from_pretrained(tiny_model / "transformer")
