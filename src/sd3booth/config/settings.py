@@ -195,7 +195,7 @@ class TrainConfig:
     lora_type: str = _f(
         "lora",
         "Adapter: lora; dora (weight-decomposed LoRA: a learnt magnitude per output row, ~1.3x the step time); "
-        "loha (Hadamard product of two rank-r LoRAs: rank 2r expressiveness for twice the parameters); lokr "
+        "loha (Hadamard product of two rank-r LoRAs: updates of rank up to r², for twice the parameters); lokr "
         "(Kronecker product, far fewer parameters, --lokr_factor). --rank and --lora_alpha are the linear dims "
         "of every type (SD3's targets are all Linear layers, so no conv dims apply).",
         choices=LORA_TYPES,
