@@ -116,7 +116,8 @@ def test_every_adapter_type_learns(tiny_model, tmp_path, kind):
         values.update(train_text_encoder=True, lora_layers="attn.to_q")
     else:
         values["lora_type"] = kind
-    run = loop.setup(build_config(values), log=lambda m: None)
+    run = loop._open(build_config(values), lambda m: None)
+    loop.setup(run)
     before = _held_loss(run, range(4))
     te_before = [p.detach().clone() for p in run.text.params()] if run.text else []
     loop.loop(run)

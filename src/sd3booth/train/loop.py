@@ -28,17 +28,18 @@ from sd3booth.cache import latents as cache_latents
 from sd3booth.cache import text as cache_text
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
-from sd3booth.models import loaders, placement, source, speed
+from sd3booth.models import loaders, memory, placement, source, speed
 from sd3booth.prepare import Prepared, prepare
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
-from sd3booth.train import artefacts, checkpoint
+from sd3booth.train import artefacts, checkpoint, methods, resume
 from sd3booth.train.batch import BatchSource, make_batch, to_device
 from sd3booth.train.conditioning import conditioning
-from sd3booth.train.ema import EMA, export_view
+from sd3booth.train.ema import EMA
+from sd3booth.train.guard import StepGuard
 from sd3booth.train.loss import FlowSettings, flow_matching_loss
-from sd3booth.train.optim import make_lr_scheduler, make_optimizer, optimizer_options, schedule_name
+from sd3booth.train.optim import make_lr_scheduler, schedule_name
 from sd3booth.train.order import DataOrder
-from sd3booth.train.settings import write_settings
+from sd3booth.train.settings import SETTINGS_FILE, RunRecord
 from sd3booth.train.validate import Validator
 from sd3booth.train.verify import verify
 
@@ -78,6 +79,8 @@ class Run:
     start: int = 0
     resume_path: Path | None = None
     validator: Validator | None = None
+    guard: StepGuard | None = None
+    record: RunRecord | None = None  # settings.json, written after each save (main process only)
     spec: build.AdapterSpec | None = None
     text: clip_lora.TextEncoders | None = None  # --train_text_encoder: CLIP-L and CLIP-G with their LoRA
     ema: EMA | None = None
@@ -103,7 +106,7 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     source.quiet_libraries()
     verify(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.open_output(out)  # created, without the temporaries of a write killed last time
     info = placement.detect_device()
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
     place = placement.place_run(cfg, src.root, info)
@@ -114,8 +117,11 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     )
     say = log if accelerator.is_main_process else (lambda _msg: None)
     if place.device.type == "cuda":
-        say(f"memory plan for {place.budget_gib:.1f} GiB ({'--max_vram' if cfg.max_vram else 'default budget'}):")
+        which = "--max_vram" if cfg.max_vram else "default budget: free on the card at start, less 0.5"
+        say(f"memory plan for {place.budget_gib:.1f} GiB of {info.name}, whole process ({which}):")
         say(place.memory.describe())
+        if place.memory.allocator_cap_gib:
+            memory.cap_allocator(place.device, place.memory.allocator_cap_gib)
         if cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
@@ -126,17 +132,17 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
 
 def _caches(run: Run) -> None:
     """Every caching stage (main process first; the others then find everything cached), then the folder
-    becomes this run's: only now are old outputs replaced and settings.json written."""
+    becomes this run's: only now are old outputs replaced (settings.json: after each save, see train/settings)."""
     cfg, out = run.cfg, run.out
     noop = lambda name: contextlib.nullcontext()  # noqa: E731
     with run.accelerator.main_process_first():
         prep = prepare(cfg, run.place, run.say, run.stages.stage if run.main else noop)
     if run.main:
         if cfg.overwrite_output_dir and not run.resume_path:
-            for stale in ("checkpoints", "validation", "metrics.jsonl"):  # the old run's; the cache stays
+            for stale in ("checkpoints", "validation", "metrics.jsonl", SETTINGS_FILE, lora.LORA_FILE):  # old run's
                 p = out / stale
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        write_settings(cfg, out)
+        run.record = RunRecord.begin(cfg, out, prep.instances, run.resume_path)
     text = cache_text.load_text_embeddings(prep.text_keys.values(), cfg.cache_path, run.place.weight_dtype)
     lat = cache_latents.load_latents(list(prep.latent_keys.values()), cfg.cache_path)
     items = [i for i in range(len(prep.instances)) for _ in range(cfg.repeats)]
@@ -180,11 +186,7 @@ def _model(run: Run) -> None:
     run.sigmas = scheduler.sigmas.to(place.device)
     run.timesteps = scheduler.timesteps.to(place.device)
     run.transformer = transformer
-    if cfg.train_text_encoder:  # T5 stays cached; the CLIP part of every embedding is recomputed each step
-        with run.stages.stage("load text encoders"):
-            captions = [*run.prep.text_keys, cfg.class_prompt or ""]
-            rank = cfg.text_encoder_rank or cfg.rank
-            run.text = clip_lora.load_text_encoders(run.prep.src, place, captions, rank, cfg.lora_dropout)
+    methods.load_text_encoders(run)
 
 
 def _optimization(run: Run) -> None:
@@ -192,48 +194,35 @@ def _optimization(run: Run) -> None:
     accum = cfg.gradient_accumulation_steps
     run.max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(run.batches.order.batches_per_epoch / accum)
     lr = cfg.learning_rate * (accum * cfg.train_batch_size * acc.num_processes if cfg.scale_lr else 1)
-    groups = [{"params": run.params}]
-    if run.text is not None:
-        te_lr = cfg.text_encoder_lr or cfg.learning_rate
-        groups.append({"params": run.text.params(), "lr": te_lr * lr / cfg.learning_rate})
-        run.params = [*run.params, *run.text.params()]
-    name, betas = cfg.optimizer_name, (cfg.adam_beta1, cfg.adam_beta2)
-    options = optimizer_options(name, cfg)
-    optimizer = make_optimizer(name, groups, lr, betas, cfg.adam_weight_decay, cfg.adam_epsilon, options)
-    if hasattr(optimizer, "train"):  # schedule-free optimizers start each run in training mode
-        optimizer.train()
+    optimizer = methods.optimizer(run, lr)
     run.lr_scheduler = make_lr_scheduler(
-        schedule_name(name, cfg.lr_scheduler), optimizer, cfg.lr_warmup_steps, run.max_steps, cfg.lr_num_cycles,
-        cfg.lr_power,
+        schedule_name(cfg.optimizer_name, cfg.lr_scheduler), optimizer, cfg.lr_warmup_steps, run.max_steps,
+        cfg.lr_num_cycles, cfg.lr_power,
     )  # fmt: skip
     run.transformer, run.optimizer = acc.prepare(run.transformer, optimizer)
-    if run.text is not None:
-        run.text.encoders = list(acc.prepare(*run.text.encoders))
-    if cfg.use_ema:
-        device = run.place.device if cfg.ema_device == "gpu" else torch.device("cpu")
-        run.ema = EMA(run.params, cfg.ema_decay, device)
+    run.guard = StepGuard(cfg.max_bad_steps, run.say)
+    methods.attach(run)
 
 
 def _resume(run: Run) -> None:
     if not run.resume_path:
         return
+    base_lrs = list(run.lr_scheduler.base_lrs)  # this run's rate, before the checkpoint's replaces it
     start, state, trainer_state, _meta = checkpoint.load(run.resume_path)
     artefacts.restore(run, state, str(run.resume_path))
     run.optimizer.optimizer.load_state_dict(trainer_state["optimizer"])
-    if run.ema is not None:
-        if "ema" not in trainer_state:
-            raise UserError(f"{run.resume_path} was saved without --use_ema; resume it without --use_ema")
-        run.ema.load_state_dict(trainer_state["ema"])
+    methods.restore_ema(run, trainer_state)
     run.lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+    resume.apply_learning_rate(run.optimizer.optimizer, run.lr_scheduler, base_lrs)  # a new rate/schedule applies
     if run.accelerator.scaler is not None and trainer_state.get("scaler"):
         run.accelerator.scaler.load_state_dict(trainer_state["scaler"])
     run.start = start
     run.say(f"resumed from {run.resume_path} at step {start}")
 
 
-def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run:
-    """Everything before the first step, in data-flow order."""
-    run = _open(cfg, log)
+def setup(run: Run) -> None:
+    """Everything before the first step after :func:`_open`, in data-flow order."""
+    cfg = run.cfg
     ckpt_root = run.out / "checkpoints"
     run.resume_path = checkpoint.find(ckpt_root, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
     if cfg.resume_from_checkpoint and run.resume_path is None:
@@ -244,7 +233,6 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run:
     _resume(run)
     if run.main:
         run.accelerator.init_trackers("sd3booth", config=tracker_config(cfg.to_dict()))
-    return run
 
 
 # ---- one step ---------------------------------------------------------------------------------------------
@@ -289,6 +277,8 @@ def optimizer_step(run: Run, step: int) -> torch.Tensor:
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if acc.scaler is not None:  # fp16: the scaler skips steps whose gradients overflowed (a host sync anyway)
+        run.guard.after_step(step + 1, acc.optimizer_step_was_skipped, acc.scaler.get_scale())
     if run.ema is not None:
         run.ema.update()
     return total
@@ -315,22 +305,6 @@ def _validation_due(run: Run, step: int) -> bool:
     return done > run.completed_epochs(step - 1) and done % cfg.validation_epochs == 0
 
 
-def _validate(run: Run, step: int) -> None:
-    if run.validator is None:
-        return
-    with run.stages.stage(f"validation step {step}"), export_view(run.optimizer.optimizer, run.ema, run.params):
-        if run.text is not None and run.validation_cached:  # the prompts through the text encoders' LoRA
-            prompt, negative = run.validation_cached
-            run.validator.prompt = run.text.embedding(run.cfg.validation_prompt or "", prompt)
-            run.validator.negative = run.text.embedding("", negative)
-        images = run.validator(run.accelerator.unwrap_model(run.transformer), step, run.compiled)
-    tb = next((t.writer for t in getattr(run.accelerator, "trackers", []) if t.name == "tensorboard"), None)
-    if tb is not None:
-        import numpy as np
-
-        tb.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
-
-
 def _checkpoint(run: Run, step: int) -> None:
     cfg = run.cfg
     checkpoint.save_training_state(
@@ -338,6 +312,7 @@ def _checkpoint(run: Run, step: int) -> None:
         run.optimizer.optimizer, run.lr_scheduler, run.accelerator.scaler, {"settings": cfg.to_dict()},
         cfg.checkpoints_total_limit, run.out, {"ema": run.ema.state_dict()} if run.ema else None,
     )  # fmt: skip
+    run.record.save(step)
 
 
 def loop(run: Run) -> tuple[int, float | None, list[float]]:
@@ -370,15 +345,17 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
             # a compiled run logs its first step alone: its time is mostly compilation
             if step % cfg.logging_steps == 0 or step == run.max_steps or (run.compiled and step == start + 1):
                 last_loss = (run.accelerator.reduce(loss_sum, "mean") / n).item()  # the only host sync
+                run.guard.check_loss(step, last_loss, run.accelerator.scaler is not None)
                 step_times.append((time.perf_counter() - t_log) / n)
                 _log_step(run, metrics, step, last_loss, step_times[-1], bar)
                 loss_sum.zero_()
                 n, t_log = 0, time.perf_counter()
             t_pause = time.perf_counter()  # checkpoints and validation do not count as step time
             if step % cfg.checkpointing_steps == 0 and run.main:
+                run.guard.check_loss(step, float(loss_sum.sum()), run.accelerator.scaler is not None)
                 _checkpoint(run, step)
             if _validation_due(run, step) and step < run.max_steps:
-                _validate(run, step)
+                methods.validate(run, step)
             t_log += time.perf_counter() - t_pause
     bar.close()
     return step, last_loss, step_times
@@ -399,9 +376,10 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
     lora_path = None
     if run.main:
         lora_path = artefacts.export(run, run.out)[0]
+        run.record.save(step, finished=True)
         folders = run.validator.folders if run.validator else []
         if run.start < run.max_steps or not any(d.name == f"step-{step}" for d in folders):
-            _validate(run, step)
+            methods.validate(run, step)
         run.stages.save(run.out / "stages.json")
     run.accelerator.end_training()
     median = sorted(step_times)[len(step_times) // 2] if step_times else None
@@ -411,6 +389,30 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     """Runs every stage of ``sd3booth train``; returns what it produced."""
-    run = setup(cfg, log)
-    step, last_loss, step_times = loop(run)
-    return finish(run, step, last_loss, step_times)
+    run = _open(cfg, log)
+    try:
+        setup(run)
+        step, last_loss, step_times = loop(run)
+        return finish(run, step, last_loss, step_times)
+    except torch.OutOfMemoryError:
+        stage = run.stages.failed_in or run.stages.current
+        raise UserError(out_of_memory_message(stage, run.place, cfg.max_vram is not None)) from None
+    finally:
+        run.stages.close()
+
+
+def out_of_memory_message(stage: str | None, place: placement.Placement, explicit: bool) -> str:
+    """One line for an out-of-memory error: the stage, the budget, the planner's prediction, what to try."""
+    stage = stage or "setup"
+    keys = {"text encoder CLIP-L": "CLIP-L", "text encoder CLIP-G": "CLIP-G", "text encoder T5": "T5",
+            "load transformer": "training", "validation": "validation"}  # fmt: skip
+    key = next((v for k, v in keys.items() if stage.startswith(k)), stage)
+    predicted = place.memory.predicted.get(key)
+    guess = f"; the planner predicted {predicted:.2f} GiB allocated for it" if predicted is not None else ""
+    budget = place.budget_gib
+    lower = max(1.0, round(budget - max(1.0, 0.15 * budget), 1))
+    flag = "--max_vram" if explicit else "the default budget"
+    return (
+        f"out of GPU memory in stage '{stage}' with {flag} {budget:.1f} GiB{guess}; nothing saved was lost: "
+        f"try --max_vram {lower:g} (a more frugal plan), and close other programs using the GPU"
+    )
