@@ -128,7 +128,7 @@ def test_planner_knows_the_methods(tiny_model):
     dora = choose.choose(sizes, dataclasses.replace(work, adapter="dora"), 80.0, cal, {"checkpoint_blocks": 2})
     assert dora.base != "fp8"
     for kind in ("loha", "lokr"):
-        plans = [choose.choose(sizes, dataclasses.replace(work, adapter=kind), b, cal) for b in (80.0, 0.5)]
+        plans = [choose.choose(sizes, dataclasses.replace(work, adapter=kind), b, cal) for b in (80.0, 1.2)]
         assert all(p.base != "nf4" for p in plans)
 
 
