@@ -35,7 +35,7 @@ from sd3booth.train import artefacts, checkpoint, methods, resume
 from sd3booth.train.batch import BatchSource, make_batch, to_device
 from sd3booth.train.conditioning import conditioning
 from sd3booth.train.ema import EMA
-from sd3booth.train.guard import StepGuard
+from sd3booth.train.guard import StepGuard, out_of_memory_message
 from sd3booth.train.loss import FlowSettings, flow_matching_loss
 from sd3booth.train.optim import make_lr_scheduler, schedule_name
 from sd3booth.train.order import DataOrder
@@ -125,7 +125,8 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
         if cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
-        plan = {"budget_gib": place.budget_gib, **place.memory.to_dict()}
+        plan = {"budget_gib": place.budget_gib, "device": info.name, "measured_overhead_gib": info.overhead_gib,
+                **place.memory.to_dict()}  # fmt: skip
         (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     return Run(cfg, out, accelerator, place, Stages(place.device), say)
 
@@ -342,6 +343,8 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
             step, n = step + 1, n + 1
             bar.update(1)
             profiler.step(step - start)
+            if run.compiled and step == start + 1:  # every block variant is compiled by the end of step 1
+                run.compiled.done_compiling()
             # a compiled run logs its first step alone: its time is mostly compilation
             if step % cfg.logging_steps == 0 or step == run.max_steps or (run.compiled and step == start + 1):
                 last_loss = (run.accelerator.reduce(loss_sum, "mean") / n).item()  # the only host sync
@@ -399,20 +402,3 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         raise UserError(out_of_memory_message(stage, run.place, cfg.max_vram is not None)) from None
     finally:
         run.stages.close()
-
-
-def out_of_memory_message(stage: str | None, place: placement.Placement, explicit: bool) -> str:
-    """One line for an out-of-memory error: the stage, the budget, the planner's prediction, what to try."""
-    stage = stage or "setup"
-    keys = {"text encoder CLIP-L": "CLIP-L", "text encoder CLIP-G": "CLIP-G", "text encoder T5": "T5",
-            "load transformer": "training", "validation": "validation"}  # fmt: skip
-    key = next((v for k, v in keys.items() if stage.startswith(k)), stage)
-    predicted = place.memory.predicted.get(key)
-    guess = f"; the planner predicted {predicted:.2f} GiB allocated for it" if predicted is not None else ""
-    budget = place.budget_gib
-    lower = max(1.0, round(budget - max(1.0, 0.15 * budget), 1))
-    flag = "--max_vram" if explicit else "the default budget"
-    return (
-        f"out of GPU memory in stage '{stage}' with {flag} {budget:.1f} GiB{guess}; nothing saved was lost: "
-        f"try --max_vram {lower:g} (a more frugal plan), and close other programs using the GPU"
-    )
