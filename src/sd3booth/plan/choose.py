@@ -28,13 +28,15 @@ T5_PREFERENCE = ("bf16", "stream", "cpu", "int8", "nf4")
 # "none" (no T5 at all, zero embeddings as the reference pipeline does) is never chosen, only honoured.
 T5_ORDER = (*T5_PREFERENCE, "none")
 BASE_SPEED_ORDER = ("bf16", "fp8", "nf4")
-# Issue #12's methods, rough terms until tools/gpu_methods.sh has measured them (see BENCHMARKS.md):
+# Issue #12's methods (tools/gpu_methods.sh measured LoRA, DoRA, LoHa, LoKr, text-encoder LoRA, EMA and the
+# base-model prior on SD3 Medium, 2026-11-25, BENCHMARKS.md; LoHa/LoKr/EMA/prior within 0.15 GiB as below):
 # bytes of optimizer state per fp32 adapter parameter (Adafactor factors its second moment: ~0 for LoRA shapes)
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "lion": 4, "lion8bit": 1, "adafactor": 1,
                          "adamw_schedulefree": 8, "stableadamw": 8}  # fmt: skip
 # saved activations relative to LoRA: DoRA keeps the adapted layers' base and LoRA outputs for its magnitude's
 # gradient; LoHa/LoKr rebuild a full delta weight per layer, which autograd keeps (counted per adapted weight)
-ADAPTER_ACTIVATION_FACTOR = {"lora": 1.0, "dora": 1.3, "loha": 1.0, "lokr": 1.0}
+# DoRA's factor measured (H100, SD3 Medium, 1024 px, eager, 2026-11-25: training 11.21 GiB against LoRA's 8.87)
+ADAPTER_ACTIVATION_FACTOR = {"lora": 1.0, "dora": 1.47, "loha": 1.0, "lokr": 1.0}
 # bases an adapter cannot train on: DoRA reads the base weight (fp8 storage hides it), peft's LoHa/LoKr reshape
 # their delta to the base weight's shape (NF4 packs it)
 UNSUPPORTED_BASES = {"dora": ("fp8",), "loha": ("nf4",), "lokr": ("nf4",)}
@@ -42,6 +44,9 @@ UNSUPPORTED_BASES = {"dora": ("fp8",), "loha": ("nf4",), "lokr": ("nf4",)}
 # ~34 bytes per hidden unit per layer in 16-bit (Korthikanti et al. 2022, no recomputation)
 CLIP_UNITS_PER_TOKEN = 12 * 768 + 32 * 1280
 CLIP_LORA_PARAMS_PER_RANK = 4 * 2 * (12 * 768 + 32 * 1280)  # q/k/v/out, A and B
+# what the terms above missed, measured (same run: 12.38 GiB against 10.68 predicted); the CLIP encoders are the
+# same in every SD3 model, so it is a constant
+TEXT_ENCODER_MEASURED_EXTRA_GIB = 1.70
 
 
 def compile_by_default(base: str, activation_offload: bool) -> bool:
@@ -170,7 +175,11 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     if work.class_images:
         stages["class images"] = resident + sample_act + decode + c["fixed"]
     base_extra = c["base_extra"].get(plan.base, 0.0) * units / c["base_extra_units"]  # dequant/upcast buffers
-    text_act = work.batch * 77 * CLIP_UNITS_PER_TOKEN * 34 / GIB if work.text_encoder_rank else 0.0
+    text_act = (
+        work.batch * 77 * CLIP_UNITS_PER_TOKEN * 34 / GIB + TEXT_ENCODER_MEASURED_EXTRA_GIB
+        if work.text_encoder_rank
+        else 0.0
+    )
     stages["training"] = resident + lora + text + text_act + act + base_extra + c["fixed"]
     if work.validation:
         stages["validation"] = resident + lora + text + max(sample_act, decode) + c["fixed"]
