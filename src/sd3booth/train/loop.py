@@ -28,6 +28,7 @@ from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models import loaders, placement, source, speed
 from sd3booth.prepare import Prepared, prepare
+from sd3booth.report import write_report
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
 from sd3booth.train import checkpoint
 from sd3booth.train.batch import BatchSource, make_batch, to_device
@@ -298,6 +299,16 @@ def _validate(run: Run, step: int) -> None:
         tb.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
 
 
+def _report(run: Run) -> None:
+    """report.html, rewritten at each validation and at the end; failing to write it never stops a run."""
+    if not run.main:
+        return
+    try:
+        write_report(run.out, run.stages.records)
+    except Exception as e:  # noqa: BLE001 - a page is not worth losing the training run for
+        run.say(f"warning: {run.out / 'report.html'} not written ({type(e).__name__}: {e})")
+
+
 def _checkpoint(run: Run, step: int) -> None:
     cfg = run.cfg
     checkpoint.save_training_state(
@@ -344,6 +355,7 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
                 _checkpoint(run, step)
             if _validation_due(run, step) and step < run.max_steps:
                 _validate(run, step)
+                _report(run)
             t_log += time.perf_counter() - t_pause
     bar.close()
     return step, last_loss, step_times
@@ -369,6 +381,7 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
         if run.start < run.max_steps or not any(d.name == f"step-{step}" for d in folders):
             _validate(run, step)
         run.stages.save(run.out / "stages.json")
+        _report(run)
     run.accelerator.end_training()
     median = sorted(step_times)[len(step_times) // 2] if step_times else None
     folders = run.validator.folders if run.validator else []

@@ -1,0 +1,41 @@
+"""report.html of a run folder: rewritten at each validation and at the end of training, or by ``sd3booth report``.
+
+``read`` gathers the run's files, ``charts`` draws the SVG charts, ``page`` writes the HTML.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sd3booth.errors import UserError
+from sd3booth.report.page import REPORT_FILE, generate_command, render
+from sd3booth.report.read import read_run
+
+
+def write_report(out: Path, stages: list[dict[str, Any]] | None = None) -> Path:
+    """Writes OUT/report.html (atomically: a browser refreshing it never sees half a page); returns its path.
+
+    ``stages`` are the stage records so far, for a run that has not written stages.json yet.
+    """
+    out = Path(out)
+    page = render(read_run(out, stages))
+    path = out / REPORT_FILE
+    tmp = path.with_name(f".{REPORT_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def report_command(out: Path) -> Path:
+    """``sd3booth report OUT``: rebuilds the report of any run folder."""
+    out = Path(out)
+    if not out.is_dir():
+        raise UserError(f"report: {out} is not a folder; pass the --output_dir of a training run")
+    if not any((out / f).is_file() for f in ("settings.json", "metrics.jsonl", "stages.json")):
+        raise UserError(f"report: {out} holds no run (no settings.json or metrics.jsonl); pass a run's --output_dir")
+    return write_report(out)
+
+
+__all__ = ["REPORT_FILE", "generate_command", "report_command", "write_report"]
