@@ -127,7 +127,8 @@ def describe_photos(examples: list[dataset.Example], skipped: list[str], resolut
     ratios = Counter(ratio_name(w, h) for w, h in sizes)
     lines.append("aspect ratios: " + ", ".join(f"{k} x{n}" for k, n in ratios.most_common()))
     sources = Counter(_caption_kind(ex.caption_source) for ex in examples)
-    lines.append("captions: " + ", ".join(f"{n} {k}" for k, n in sources.items()))
+    order = [f"from {dataset.METADATA_FILE}", "from .txt files", "use the instance prompt"]
+    lines.append("captions: " + ", ".join(f"{sources[k]} {k}" for k in order if sources[k]))
     if skipped:
         lines.append(f"skipped {len(skipped)} unreadable file(s): {skipped[0]}{' ...' if len(skipped) > 1 else ''}")
     if len(examples) < 3:

@@ -90,5 +90,5 @@ def memory_svg(stages: list[dict[str, Any]]) -> str | None:
     ax.set_xlabel("GiB")
     ax.grid(True, axis="x", alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(loc="lower right", frameon=False, fontsize=8)
+    fig.legend(loc="outside upper right", ncols=len(series), frameon=False, fontsize=8)
     return _svg(fig)
