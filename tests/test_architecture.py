@@ -183,7 +183,7 @@ LAYERS = [
     {"prepare"},
     {"train", "report"},
     {"random_model", "demo"},
-    {"bench", "bench_speed"},
+    {"bench"},
     {"cli", "__main__", "init_wizard"},
 ]
 

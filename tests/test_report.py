@@ -11,13 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from sd3booth.cli import main
 from sd3booth.data.dataset import write_demo_like_dataset
 from sd3booth.report import charts, page, read
-from sd3booth.tracking import Stages
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from headless_chromium import find_chromium, load_page  # noqa: E402
@@ -31,7 +29,7 @@ needs_chromium = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def run(tiny_model, tmp_path_factory):
     """A 4-step run validating at steps 2 and 4; every report the loop writes is kept as it was then."""
-    from sd3booth.train import loop
+    import sd3booth.report as report_package
 
     tmp = tmp_path_factory.mktemp("report-run")
     data = tmp / "photos"
@@ -44,9 +42,9 @@ def run(tiny_model, tmp_path_factory):
         snapshots.append(path.read_text(encoding="utf-8"))
         return path
 
-    real = loop.write_report
+    real = report_package.write_report
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "write_report", recording)
+        mp.setattr(report_package, "write_report", recording)
         args = ["train", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(data),
                 "--instance_prompt", "a photo of sks toy", "--output_dir", str(out), "--resolution", "64",
                 "--max_train_steps", "4", "--train_batch_size", "1", "--logging_steps", "1", "--seed", "0",
@@ -59,8 +57,9 @@ def run(tiny_model, tmp_path_factory):
 
 def test_report_is_rewritten_at_each_validation_and_at_the_end(run, capsys):
     out, snapshots = run
-    assert len(snapshots) == 2  # validation at step 2 (mid-run), then the end (after the last validation)
-    mid, final = snapshots
+    # after the validation at step 2 (mid-run), after the last validation, and once stages.json is written
+    assert len(snapshots) == 3
+    mid, final = snapshots[0], snapshots[-1]
     assert "in progress" in mid and "step 2 of 4" in mid
     assert "validation/step-2/000.png" in mid and "step-4" not in mid
     assert "finished" in final and "step 4 of 4" in final
@@ -129,19 +128,26 @@ def test_report_command_rebuilds_any_run_folder_and_shows_optional_tables(run, t
     assert len(err) == 2 and all(e.startswith("error: report:") for e in err)
 
 
-def test_stages_record_host_memory_per_stage_and_nest():
-    stages = Stages(torch.device("cpu"))
-    with stages.stage("outer"):
-        with stages.stage("inner"):
-            big = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
-            del big
-        with stages.stage("small"):
-            pass
-    recs = {r["stage"]: r for r in stages.records}
-    if "peak_host_gib" not in recs["inner"]:
-        pytest.skip("no per-stage host peak on this system (/proc/self/clear_refs)")
-    assert recs["outer"]["peak_host_gib"] >= recs["inner"]["peak_host_gib"]
-    assert recs["inner"]["peak_host_gib"] - recs["small"]["peak_host_gib"] > 0.05  # the 64 MiB, then released
+def test_stage_table_sets_measured_memory_beside_the_plans_prediction(tmp_path):
+    stages = [
+        {"stage": "text encoder T5 (bf16)", "seconds": 3.0, "peak_allocated_gib": 9.1, "peak_reserved_gib": 9.5,
+         "peak_process_gpu_gib": 10.0, "peak_host_rss_gib": 4.0, "allocated_after_gib": 0.1},
+        {"stage": "validation step 20", "seconds": 2.0, "peak_allocated_gib": 5.0, "peak_host_rss_gib": 3.0},
+        {"stage": "load transformer", "seconds": 1.0, "peak_allocated_gib": 4.0, "peak_host_rss_gib": 2.5},
+    ]  # fmt: skip
+    (tmp_path / "stages.json").write_text(json.dumps(stages))
+    plan = {"budget_gib": 14.0, "t5": "bf16", "predicted": {"T5": 9.0, "validation": 5.5},
+            "predicted_host": {"T5": 4.5}}  # fmt: skip
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    html = page.stages_html(read.read_run(tmp_path))
+    head = re.findall(r"<th>([^<]*)</th>", html)
+    assert head == ["stage", "seconds", "GPU peak allocated GiB", "GPU peak reserved GiB", "GPU whole process GiB",
+                    "GPU allocated after GiB", "host RSS peak GiB", "plan: GPU GiB", "plan: host GiB"]  # fmt: skip
+    rows = re.findall(r"<tr><td>([^<]*)</td>(.*?)</tr>", html)
+    cells = {name: re.findall(r">([^<]*)</td>", rest) for name, rest in rows}
+    assert cells["text encoder T5 (bf16)"][-2:] == ["9", "4.5"]
+    assert cells["validation step 20"][-2:] == ["5.5", "–"] and cells["load transformer"][-2:] == ["–", "–"]
+    assert 'id="memory-chart"' in html and html.count("<svg") == 1
 
 
 def test_smoothing_and_column_spread():

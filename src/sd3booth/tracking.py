@@ -1,4 +1,4 @@
-"""What a run reports: per-stage peak memory (GPU and host) and time, metrics.jsonl, and the progress bar."""
+"""What a run reports: per-stage peak memory and time, metrics.jsonl, and the progress bar."""
 
 from __future__ import annotations
 
@@ -11,97 +11,84 @@ from typing import Any
 
 import torch
 
-_HOST_STATUS = Path("/proc/self/status")
-_HOST_CLEAR = Path("/proc/self/clear_refs")
-
-
-def reset_host_peak() -> bool:
-    """Starts a new host-memory peak: on Linux writing 5 to /proc/self/clear_refs sets the process's peak
-    resident size (VmHWM) back to its current size. False where that is not possible (then no per-stage
-    host peak is recorded: the lifetime peak would be mistaken for the stage's)."""
-    try:
-        _HOST_CLEAR.write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def host_peak_gib() -> float | None:
-    """Peak resident memory of this process (GiB) since the last :func:`reset_host_peak`, None off Linux."""
-    try:
-        for line in _HOST_STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
 
 class Stages:
-    """Peak GPU memory (allocated and reserved), peak host memory (resident) and wall time of each named stage.
+    """Peak memory and wall time of each named stage of a run: allocated and reserved by PyTorch's allocator,
+    the whole process on the GPU (NVML, as nvidia-smi shows it) and the host resident set (sampled).
 
     Stages may nest (validation inside training): the inner one resets the peak counters, so the outer
     one's peak is carried across it.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    KEYS = ("peak_allocated_gib", "peak_reserved_gib", "peak_process_gpu_gib", "peak_host_rss_gib")
+
+    def __init__(self, device: torch.device, sample_memory: bool = True) -> None:
+        from sd3booth.models.memory import MemorySampler
+
         self.device = device
         self.records: list[dict[str, Any]] = []
-        self._open: list[list[float]] = []  # per open stage: [peak allocated, peak reserved, peak host] so far
-        self._host = False  # whether the host peak can be reset per stage
+        self.names: list[str] = []  # the stages open now, outermost first
+        self.failed_in: str | None = None  # the innermost stage an exception left (an OOM names it)
+        self._open: list[list[float]] = []  # per open stage: the peaks of KEYS seen so far
+        self.sampler = MemorySampler(device) if sample_memory else None
 
-    def _peaks(self) -> list[float]:
-        host = (host_peak_gib() or 0.0) if self._host else 0.0
-        if self.device.type != "cuda":
-            return [0.0, 0.0, host]
-        return [
-            torch.cuda.max_memory_allocated(self.device) / 2**30,
-            torch.cuda.max_memory_reserved(self.device) / 2**30,
-            host,
-        ]
-
-    def _reset(self) -> None:
-        if self.device.type == "cuda":
+    def _peaks_and_reset(self) -> list[float]:
+        cuda = self.device.type == "cuda"
+        out = [0.0, 0.0]
+        if cuda:
             torch.cuda.synchronize(self.device)
-        if self._open:
-            self._open[-1] = [max(a, b) for a, b in zip(self._open[-1], self._peaks())]
-        if self.device.type == "cuda":
+            out = [
+                torch.cuda.max_memory_allocated(self.device) / 2**30,
+                torch.cuda.max_memory_reserved(self.device) / 2**30,
+            ]
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._host = reset_host_peak()
+        out += list(self.sampler.reset()) if self.sampler else [0.0, 0.0]
+        return out
+
+    @property
+    def current(self) -> str | None:
+        return self.names[-1] if self.names else None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        cuda = self.device.type == "cuda"
-        self._reset()
-        self._open.append([0.0, 0.0, 0.0])
+        peaks = self._peaks_and_reset()
+        if self._open:
+            self._open[-1] = [max(a, b) for a, b in zip(self._open[-1], peaks)]
+        self._open.append([0.0] * len(self.KEYS))
+        self.names.append(name)
         t0 = time.perf_counter()
         try:
             yield
+        except BaseException:
+            self.failed_in = self.failed_in or name
+            raise
         finally:
-            carried = self._open.pop()
+            carried = [max(a, b) for a, b in zip(self._open.pop(), self._peaks_and_reset())]
+            self.names.pop()
             rec: dict[str, Any] = {"stage": name, "seconds": round(time.perf_counter() - t0, 3)}
-            if cuda:
-                torch.cuda.synchronize(self.device)
-            alloc, reserved, host = (max(a, b) for a, b in zip(carried, self._peaks()))
-            if cuda:
-                rec["peak_allocated_gib"] = round(alloc, 3)
-                rec["peak_reserved_gib"] = round(reserved, 3)
+            for key, value in zip(self.KEYS, carried):
+                if value or key == "peak_host_rss_gib":
+                    rec[key] = round(value, 3)
+            if self.device.type == "cuda":
                 rec["allocated_after_gib"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 3)
-            if self._host:
-                rec["peak_host_gib"] = round(host, 3)
             if self._open:  # the outer stage's peak includes this one
-                self._open[-1] = [max(a, b) for a, b in zip(self._open[-1], (alloc, reserved, host))]
+                self._open[-1] = [max(a, b) for a, b in zip(self._open[-1], carried)]
             self.records.append(rec)
+
+    def close(self) -> None:
+        if self.sampler:
+            self.sampler.close()
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.records, indent=2) + "\n", encoding="utf-8")
 
     def table(self) -> str:
-        lines = [f"{'stage':<28} {'seconds':>8} {'peak alloc GiB':>15} {'peak reserved GiB':>18} {'host GiB':>9}"]
+        lines = [f"{'stage':<28} {'seconds':>8} {'alloc GiB':>10} {'reserved':>9} {'GPU (smi)':>10} {'host RSS':>9}"]
         for r in self.records:
             lines.append(
-                f"{r['stage']:<28} {r['seconds']:>8.2f} {r.get('peak_allocated_gib', 0):>15.2f} "
-                f"{r.get('peak_reserved_gib', 0):>18.2f} {r.get('peak_host_gib', 0):>9.2f}"
+                f"{r['stage']:<28} {r['seconds']:>8.2f} {r.get('peak_allocated_gib', 0):>10.2f} "
+                f"{r.get('peak_reserved_gib', 0):>9.2f} {r.get('peak_process_gpu_gib', 0):>10.2f} "
+                f"{r.get('peak_host_rss_gib', 0):>9.2f}"
             )
         return "\n".join(lines)
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,15 @@ def write_report(out: Path, stages: list[dict[str, Any]] | None = None) -> Path:
     return path
 
 
+def write_report_safely(out: Path, stages: list[dict[str, Any]], say: Callable[[str], None]) -> Path | None:
+    """:func:`write_report` for a run in progress: a failure is one warning line, never the end of training."""
+    try:
+        return write_report(out, stages)
+    except Exception as e:  # noqa: BLE001 - a page is not worth losing a training run for
+        say(f"warning: {Path(out) / REPORT_FILE} not written ({type(e).__name__}: {e})")
+        return None
+
+
 def report_command(out: Path) -> Path:
     """``sd3booth report OUT``: rebuilds the report of any run folder."""
     out = Path(out)
@@ -38,4 +48,4 @@ def report_command(out: Path) -> Path:
     return write_report(out)
 
 
-__all__ = ["REPORT_FILE", "generate_command", "report_command", "write_report"]
+__all__ = ["REPORT_FILE", "generate_command", "report_command", "write_report", "write_report_safely"]

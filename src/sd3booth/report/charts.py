@@ -71,9 +71,10 @@ def training_svg(metrics: list[dict[str, Any]]) -> str | None:
 
 
 def memory_svg(stages: list[dict[str, Any]]) -> str | None:
-    """Peak GPU (allocated) and host memory of each stage as horizontal bars; None when nothing was measured."""
-    series = [(k, label, c) for k, label, c in (("peak_allocated_gib", "GPU (allocated)", _BLUE),
-              ("peak_host_gib", "host (resident)", _ORANGE)) if any(k in s for s in stages)]  # fmt: skip
+    """Peak GPU (allocated, whole process) and host memory of each stage as bars; None when none was measured."""
+    known = (("peak_allocated_gib", "GPU allocated", _BLUE), ("peak_process_gpu_gib", "GPU whole process", _GREY),
+             ("peak_host_rss_gib", "host RSS", _ORANGE))  # fmt: skip
+    series = [(k, label, c) for k, label, c in known if any(s.get(k) for s in stages)]
     if not stages or not series:
         return None
     from matplotlib.figure import Figure

@@ -126,23 +126,31 @@ _STAGE_COLUMNS = {
     "seconds": "seconds",
     "peak_allocated_gib": "GPU peak allocated GiB",
     "peak_reserved_gib": "GPU peak reserved GiB",
+    "peak_process_gpu_gib": "GPU whole process GiB",
     "allocated_after_gib": "GPU allocated after GiB",
-    "peak_host_gib": "host peak GiB",
+    "peak_host_rss_gib": "host RSS peak GiB",
 }
+_PREDICTED = {"predicted": ("peak_allocated_gib", "plan: GPU GiB"), "predicted_host": ("peak_host_rss_gib",
+              "plan: host GiB")}  # fmt: skip
+
+
+def _predicted_for(stage: str, predictions: dict[str, float]) -> float | None:
+    """The plan's prediction for a stage: its names are short forms of the stage names ('T5' in 'text encoder
+    T5 (bf16)', 'validation' in 'validation step 20')."""
+    return next((v for k, v in predictions.items() if k.lower() in stage.lower()), None)
 
 
 def stages_html(run: RunFolder) -> str:
+    """Time and peak memory of every stage, beside what the memory plan predicted where it measured the same."""
     if not run.stages:
         return '<p class="sub">stages.json is written at the end of the run.</p>'
     keys = [k for k in _STAGE_COLUMNS if any(k in s for s in run.stages)]
     keys += [k for k in dict.fromkeys(k for s in run.stages for k in s) if k.endswith("_gib") and k not in keys]
-    predicted = run.plan.get("predicted", {}) if "peak_allocated_gib" in keys else {}
-
-    def guess(name: str) -> float | None:
-        return next((v for k, v in predicted.items() if k.lower() in name.lower()), None)
-
-    header = ["stage"] + [_STAGE_COLUMNS.get(k, k) for k in keys] + (["plan predicted GiB"] if predicted else [])
-    rows = [[s["stage"]] + [s.get(k) for k in keys] + ([guess(s["stage"])] if predicted else []) for s in run.stages]
+    plans = [(run.plan[name], label) for name, (measured, label) in _PREDICTED.items()
+             if isinstance(run.plan.get(name), dict) and run.plan[name] and measured in keys]  # fmt: skip
+    header = ["stage"] + [_STAGE_COLUMNS.get(k, k) for k in keys] + [label for _, label in plans]
+    rows = [[s["stage"]] + [s.get(k) for k in keys] + [_predicted_for(s["stage"], p) for p, _ in plans]
+            for s in run.stages]  # fmt: skip
     svg = charts.memory_svg(run.stages)
     return _table(header, rows) + (f'<div class="card" id="memory-chart">{svg}</div>' if svg else "")
 
