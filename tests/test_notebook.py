@@ -81,3 +81,40 @@ def test_colab_notebook_runs_top_to_bottom_on_cpu(tiny_model, tmp_path, monkeypa
     saved = tmp_path / "saved" / "sks-dog"
     assert sorted(p.name for p in saved.iterdir()) == ["pytorch_lora_weights.safetensors", "report.html",
                                                        "settings.json"]  # fmt: skip
+
+
+def test_notebook_settings_fit_a_t4_with_sd3_medium(monkeypatch):
+    """The notebook's own settings (its MEMORY_FLAGS and EXTRA_FLAGS, 1024 px, batch 1, validation) planned for
+    SD3 Medium on a simulated free Colab T4: a plan is found and its predicted peaks keep to both budgets."""
+    import re
+    import shlex
+
+    from sd3booth.cli import build_parser
+    from sd3booth.config import build_config
+    from sd3booth.models import placement
+    from sd3booth.plan import choose
+    from sd3booth.plan.calibration import load_calibration
+    from sd3booth.plan.sizes import ModelSizes
+
+    settings = next(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code")
+    values = dict(re.findall(r'^(\w+) = "([^"]*)"', settings, re.M))
+    assert re.search(r"^RESOLUTION = 1024$", settings, re.M)
+    n = 24  # SD3 Medium, as tests/test_budget.py describes it
+    sd3m = ModelSizes(n_blocks=n, block_params=82_000_000, other_params=2_030_000_000 - n * 82_000_000, hidden=1536,
+                      clip_l_params=124_000_000, clip_g_params=695_000_000, t5_params=4_760_000_000,
+                      t5_layer_params=193_000_000, vae_params=84_000_000, t5_wo_params=24 * 4096 * 10240)  # fmt: skip
+    monkeypatch.setattr(choose, "read_sizes", lambda root, variant=None: sd3m)
+    argv = ["--pretrained_model_name_or_path", "a/b", "--instance_data_dir", "x", "--resolution", "1024",
+            "--train_batch_size", "1", "--validation_prompt", "a photo of sks dog on a beach",
+            *shlex.split(values["MEMORY_FLAGS"]), *shlex.split(values["EXTRA_FLAGS"])]  # fmt: skip
+    ns, extra = build_parser()[1]["train"].parse_known_args(argv)
+    assert not extra
+    cfg = build_config(vars(ns))
+    assert (cfg.mixed_precision, cfg.max_vram, cfg.max_ram) == ("fp16", 14.0, 11.0)
+    t4 = placement.DeviceInfo(type="cuda", total_gib=14.58, bf16=False, name="Tesla T4", available_gib=14.3,
+                              overhead_gib=0.45, ram_available_gib=11.7)  # fmt: skip
+    place = placement.place_run(cfg, Path("."), t4)
+    cal = load_calibration()
+    assert place.mixed_precision == "fp16"
+    assert place.memory.peak <= place.memory.allocator_cap_gib * cal["safety"] <= 14.0
+    assert place.memory.host_peak <= 11.0

@@ -193,7 +193,8 @@ def detected_memory() -> tuple[float, str, bool | None]:
     info = detect_device()
     if info.type != "cuda":
         return math.floor(default_budget(None) * 2) / 2, "no GPU found here: planning for a 16 GB card", None
-    suggested = math.floor((info.total_gib - 0.5) * 2) / 2  # ~0.5 GiB for the CUDA context, in half GiB
+    # the planner's own default (what is free on the card less a margin), rounded down to half a GiB
+    suggested = math.floor(default_budget(info.available_gib or info.total_gib) * 2) / 2
     return suggested, f"found {info.name} with {info.total_gib:.1f} GiB", info.bf16
 
 
