@@ -148,6 +148,8 @@ def test_stage_table_sets_measured_memory_beside_the_plans_prediction(tmp_path):
     assert cells["text encoder T5 (bf16)"][-2:] == ["9", "4.5"]
     assert cells["validation step 20"][-2:] == ["5.5", "–"] and cells["load transformer"][-2:] == ["–", "–"]
     assert 'id="memory-chart"' in html and html.count("<svg") == 1
+    (tmp_path / "plan.json").write_text(json.dumps({**plan, "budget_gib": 0.0}))  # a CPU run: no predictions
+    assert "plan:" not in page.stages_html(read.read_run(tmp_path))
 
 
 def test_smoothing_and_column_spread():

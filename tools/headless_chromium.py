@@ -3,9 +3,10 @@ leave the machine, where named elements are, and a full-page screenshot.
 
 Talks the DevTools protocol over ``--remote-debugging-pipe`` (file descriptors 3 and 4, messages ended by NUL),
 so it needs nothing beyond the standard library and a ``chromium`` binary. Used by tests/test_report.py, and
-to make the README's screenshot:
+to make the README's screenshot (then quantized to 128 colours):
 
-    python tools/headless_chromium.py sd3booth-demo/run/report.html docs/report.png --height 900
+    sd3booth demo
+    python tools/headless_chromium.py sd3booth-demo/run/report.html docs/report.png --width 1000 --height 1060
 """
 
 from __future__ import annotations

@@ -146,8 +146,9 @@ def stages_html(run: RunFolder) -> str:
         return '<p class="sub">stages.json is written at the end of the run.</p>'
     keys = [k for k in _STAGE_COLUMNS if any(k in s for s in run.stages)]
     keys += [k for k in dict.fromkeys(k for s in run.stages for k in s) if k.endswith("_gib") and k not in keys]
+    on_gpu = bool(run.plan.get("budget_gib"))  # the plan's predictions are for a GPU run (budget 0: the CPU)
     plans = [(run.plan[name], label) for name, (measured, label) in _PREDICTED.items()
-             if isinstance(run.plan.get(name), dict) and run.plan[name] and measured in keys]  # fmt: skip
+             if on_gpu and isinstance(run.plan.get(name), dict) and run.plan[name] and measured in keys]  # fmt: skip
     header = ["stage"] + [_STAGE_COLUMNS.get(k, k) for k in keys] + [label for _, label in plans]
     rows = [[s["stage"]] + [s.get(k) for k in keys] + [_predicted_for(s["stage"], p) for p, _ in plans]
             for s in run.stages]  # fmt: skip
