@@ -37,8 +37,8 @@ def run(tiny_model, tmp_path_factory):
     out = tmp / "out"
     snapshots: list[str] = []
 
-    def recording(o, stages=None):
-        path = real(o, stages)
+    def recording(o, stages=None, settings=None):
+        path = real(o, stages, settings)
         snapshots.append(path.read_text(encoding="utf-8"))
         return path
 

@@ -5,34 +5,33 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sd3booth.cache.store import atomic_write_bytes
 from sd3booth.errors import UserError
 from sd3booth.report.page import REPORT_FILE, generate_command, render
 from sd3booth.report.read import read_run
 
 
-def write_report(out: Path, stages: list[dict[str, Any]] | None = None) -> Path:
+def write_report(out: Path, stages: list[dict[str, Any]] | None = None, settings: dict[str, Any] | None = None) -> Path:
     """Writes OUT/report.html (atomically: a browser refreshing it never sees half a page); returns its path.
 
-    ``stages`` are the stage records so far, for a run that has not written stages.json yet.
+    A run in progress passes its ``stages`` so far and its ``settings`` (stages.json and settings.json are
+    written later: at the end, and once something is saved).
     """
-    out = Path(out)
-    page = render(read_run(out, stages))
-    path = out / REPORT_FILE
-    tmp = path.with_name(f".{REPORT_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    path = Path(out) / REPORT_FILE
+    atomic_write_bytes(path, render(read_run(Path(out), stages, settings)).encode("utf-8"))
     return path
 
 
-def write_report_safely(out: Path, stages: list[dict[str, Any]], say: Callable[[str], None]) -> Path | None:
+def write_report_safely(
+    out: Path, stages: list[dict[str, Any]], settings: dict[str, Any], say: Callable[[str], None]
+) -> Path | None:
     """:func:`write_report` for a run in progress: a failure is one warning line, never the end of training."""
     try:
-        return write_report(out, stages)
+        return write_report(out, stages, settings)
     except Exception as e:  # noqa: BLE001 - a page is not worth losing a training run for
         say(f"warning: {Path(out) / REPORT_FILE} not written ({type(e).__name__}: {e})")
         return None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sd3booth.config import TrainConfig
+from sd3booth.train.settings import versions
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 OPTIONAL_TABLES = {"buckets.json": "Aspect-ratio buckets", "cache.json": "Cache hits"}
@@ -98,13 +99,17 @@ def changed_settings(settings: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def read_run(out: Path, stages: list[dict[str, Any]] | None = None) -> RunFolder:
-    """The run folder ``out``; ``stages`` replaces stages.json (a running run has not written it yet)."""
+def read_run(
+    out: Path, stages: list[dict[str, Any]] | None = None, settings: dict[str, Any] | None = None
+) -> RunFolder:
+    """The run folder ``out``; ``stages`` and ``settings`` (of a run in progress) replace stages.json and the
+    settings in settings.json, which a run writes only at the end and once it has saved something."""
     out = Path(out)
-    record = _json(out / "settings.json") or {}
+    record = _json(out / "settings.json")
+    record = record if isinstance(record, dict) else {}
     run = RunFolder(out)
-    run.settings = record.get("settings", {}) if isinstance(record, dict) else {}
-    run.versions = record.get("versions", {}) if isinstance(record, dict) else {}
+    run.settings = settings if settings is not None else record.get("settings", {})
+    run.versions = record.get("versions") or (versions() if settings is not None else {})
     run.metrics = read_metrics(out / "metrics.jsonl")
     saved = _json(out / "stages.json")
     run.stages = list(stages) if stages is not None else (saved if isinstance(saved, list) else [])
