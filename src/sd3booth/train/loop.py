@@ -30,6 +30,7 @@ from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models import loaders, memory, placement, source, speed
 from sd3booth.prepare import Prepared, prepare
+from sd3booth.report import REPORT_FILE, write_report_safely
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
 from sd3booth.train import artefacts, checkpoint, methods, resume
 from sd3booth.train.batch import BatchSource, make_batch, to_device
@@ -140,7 +141,7 @@ def _caches(run: Run) -> None:
         prep = prepare(cfg, run.place, run.say, run.stages.stage if run.main else noop)
     if run.main:
         if cfg.overwrite_output_dir and not run.resume_path:
-            for stale in ("checkpoints", "validation", "metrics.jsonl", SETTINGS_FILE, lora.LORA_FILE):  # old run's
+            for stale in ("checkpoints", "validation", "metrics.jsonl", SETTINGS_FILE, lora.LORA_FILE, REPORT_FILE):
                 p = out / stale
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         run.record = RunRecord.begin(cfg, out, prep.instances, run.resume_path)
@@ -384,6 +385,7 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
         if run.start < run.max_steps or not any(d.name == f"step-{step}" for d in folders):
             methods.validate(run, step)
         run.stages.save(run.out / "stages.json")
+        write_report_safely(run.out, run.stages.records, run.cfg.to_dict(), run.say)
     run.accelerator.end_training()
     median = sorted(step_times)[len(step_times) // 2] if step_times else None
     folders = run.validator.folders if run.validator else []

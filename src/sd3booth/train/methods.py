@@ -9,6 +9,7 @@ import torch
 
 from sd3booth.adapters import text_encoder as clip_lora
 from sd3booth.errors import UserError
+from sd3booth.report import write_report_safely
 from sd3booth.train.ema import EMA, export_view
 from sd3booth.train.optim import make_optimizer, optimizer_options
 
@@ -74,3 +75,4 @@ def validate(run: Any, step: int) -> None:
         import numpy as np
 
         tb.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+    write_report_safely(run.out, run.stages.records, run.cfg.to_dict(), run.say)  # the report, with these images
