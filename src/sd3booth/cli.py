@@ -58,6 +58,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--num_inference_steps", type=int, default=28, help="Sampling steps. [default: 28]")
     p.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance. [default: 7.0]")
     p.add_argument("--resolution", type=int, help="Image size (default: the training resolution, else 1024).")
+    p.add_argument("--width", type=int, help="Image width (default: --resolution); a multiple of 16.")
+    p.add_argument("--height", type=int, help="Image height (default: --resolution); a multiple of 16.")
     p.add_argument(
         "--max_sequence_length",
         type=int,
@@ -143,6 +145,10 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         raise UserError("generate: no base model; pass --pretrained_model_name_or_path")
     out = Path(ns.output_dir)
     resolution = ns.resolution or settings.get("resolution") or 1024
+    for flag, value in (("--width", ns.width), ("--height", ns.height)):
+        if value is not None and (value < 16 or value % 16):
+            raise UserError(f"generate: {flag} {value} must be a positive multiple of 16")
+    size = (ns.width or resolution, ns.height or resolution)
     # the placement the training run got (its settings, else a default run's), so both share text-cache entries
     run = TrainConfig(
         pretrained_model_name_or_path=model,
@@ -162,7 +168,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         ns.seed,
         ns.num_inference_steps,
         ns.guidance_scale,
-        resolution,
+        size,
         run.max_sequence_length,
         place,
         Path(ns.cache_dir) if ns.cache_dir else out / "cache",

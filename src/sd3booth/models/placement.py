@@ -97,10 +97,18 @@ def decide(info: DeviceInfo, mixed_precision: str | None, memory: Plan, budget_g
     return Placement(info.device, mp, weight, weight, vae, memory, budget_gib)
 
 
-def place_run(cfg: Any, model_root: Path, info: DeviceInfo, cal: dict[str, Any] | None = None) -> Placement:
+def place_run(
+    cfg: Any,
+    model_root: Path,
+    info: DeviceInfo,
+    cal: dict[str, Any] | None = None,
+    train_size: tuple[int, int] | None = None,
+) -> Placement:
     """The placement of a run (a ``TrainConfig``): its memory plan for the device, then every dtype and device.
 
     ``train``, ``prepare`` and ``generate`` all call this, so they agree on every choice that keys a cache.
+    ``train_size`` is the largest training image (w, h) (the largest aspect-ratio bucket; default square).
     """
-    memory, budget = plan_for_config(cfg, model_root, info.total_gib if info.type == "cuda" else None, cal)
+    total = info.total_gib if info.type == "cuda" else None
+    memory, budget = plan_for_config(cfg, model_root, total, cal, train_size)
     return decide(info, cfg.mixed_precision, memory, budget)

@@ -90,10 +90,12 @@ class Workload:
     validation: bool
     class_images: bool
     validation_batch: int = 1
+    train_size: tuple[int, int] | None = None  # the largest training image (w, h), e.g. a bucket; default square
 
     @property
     def tokens(self) -> int:
-        return (self.resolution // 16) ** 2 + 77 + self.t5_len
+        w, h = self.train_size or (self.resolution, self.resolution)
+        return (w // 16) * (h // 16) + 77 + self.t5_len
 
 
 def _weight_gib(params: int, precision: str, cal: dict[str, Any]) -> float:
@@ -123,7 +125,7 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
         stages["T5"] = _weight_gib(sizes.t5_params, f"t5_{plan.t5}", cal) + t5_act + c["fixed"]
     elif plan.t5 == "stream":  # accelerate streams one Linear at a time: a measured constant plus activations
         stages["T5"] = c["t5_stream_base"] + t5_act + c["fixed"]
-    px = work.resolution**2 / 1024**2
+    px = (work.train_size[0] * work.train_size[1] if work.train_size else work.resolution**2) / 1024**2
     tile_px = min(px, 0.25) if plan.vae_tiling else px
     vae_w = _weight_gib(sizes.vae_params, "bf16", cal)
     stages["VAE encode"] = vae_w + c["vae_encode_per_mpx"] * tile_px + c["fixed"]
@@ -241,9 +243,14 @@ def default_budget(device_total_gib: float | None) -> float:
 
 
 def plan_for_config(
-    cfg: Any, root: Path, device_total_gib: float | None, cal: dict[str, Any] | None = None
+    cfg: Any,
+    root: Path,
+    device_total_gib: float | None,
+    cal: dict[str, Any] | None = None,
+    train_size: tuple[int, int] | None = None,
 ) -> tuple[Plan, float]:
-    """(plan, budget) for a run; on the CPU (device_total_gib None) only the user's fixed settings apply."""
+    """(plan, budget) for a run; on the CPU (device_total_gib None) only the user's fixed settings apply.
+    ``train_size`` is the largest training image (the largest aspect-ratio bucket), square by default."""
     sizes = read_sizes(root, cfg.variant)
     fixed = fixed_settings(cfg, sizes.n_blocks)
     cal = cal or load_calibration()
@@ -256,8 +263,9 @@ def plan_for_config(
         rank=cfg.rank,
         lora_params=lora_params,
         optimizer=cfg.optimizer_name,
-        validation=bool(cfg.validation_prompt),
+        validation=bool(cfg.validation_prompt or cfg.validation_prompt_file),
         class_images=cfg.with_prior_preservation,
+        train_size=train_size,
     )
     if device_total_gib is None:  # the CPU: nothing compiles unless asked (its cost is never won back there)
         plan = Plan(**{"t5": "bf16", "compiled": False, **fixed})

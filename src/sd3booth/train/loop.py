@@ -23,11 +23,12 @@ import torch
 
 from sd3booth.adapters import lora
 from sd3booth.cache import latents as cache_latents
+from sd3booth.cache import masks as cache_masks
 from sd3booth.cache import text as cache_text
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models import loaders, placement, source, speed
-from sd3booth.prepare import Prepared, prepare
+from sd3booth.prepare import Prepared, prepare, train_size
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
 from sd3booth.train import checkpoint
 from sd3booth.train.batch import BatchSource, make_batch, to_device
@@ -97,7 +98,7 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     info = placement.detect_device()
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
-    place = placement.place_run(cfg, src.root, info)
+    place = placement.place_run(cfg, src.root, info, train_size=train_size(cfg))  # the largest bucket
     accelerator = Accelerator(
         mixed_precision=place.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -130,23 +131,23 @@ def _caches(run: Run) -> None:
         write_settings(cfg, out)
     text = cache_text.load_text_embeddings(prep.text_keys.values(), cfg.cache_path, run.place.weight_dtype)
     lat = cache_latents.load_latents(list(prep.latent_keys.values()), cfg.cache_path)
-    items = [i for i in range(len(prep.instances)) for _ in range(cfg.repeats)]
     seed = cfg.seed if cfg.seed is not None else 0
-    order = DataOrder(len(items), len(prep.classes), cfg.train_batch_size, run.accelerator.num_processes, seed)
+    order = DataOrder([it.size for it in prep.items], cfg.train_batch_size, run.accelerator.num_processes, seed)
     if order.batches_per_epoch == 0:
-        raise UserError(
-            f"{len(items)} image(s) x repeats is fewer than one batch per process; lower --train_batch_size"
-        )
+        raise UserError(f"{len(prep.items)} item(s) is fewer than one batch per process; lower --train_batch_size")
     run.prep = prep
+    masks = cache_masks.load_masks(list(prep.mask_keys.values()), cfg.cache_path)
     run.batches = BatchSource(
-        prep.instances, prep.classes if cfg.with_prior_preservation else [], items, order, lat, prep.latent_keys,
-        text, prep.text_keys, cfg.resolution // 8, cfg.center_crop, cfg.random_flip, prep.shift_factor,
-        prep.scaling_factor, seed,
+        prep.instances, prep.classes, prep.items, order, lat, prep.latent_keys, text, prep.text_keys,
+        cfg.center_crop, cfg.random_flip, prep.shift_factor, prep.scaling_factor, seed,
+        tuple(c.prior_loss_weight for c in prep.concepts), prep.negative_key, cfg.caption_dropout_rate, masks,
+        prep.mask_keys,
     )  # fmt: skip
-    if run.main and prep.validation_key:
+    if run.main and prep.validation_keys:
+        size = (cfg.width or cfg.resolution, cfg.height or cfg.resolution)
         run.validator = Validator(
-            prep.src, run.place, out, text[prep.validation_key], text[prep.negative_key], cfg.num_validation_images,
-            seed, cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale, cfg.attention_backend,
+            prep.src, run.place, out, [text[k] for k in prep.validation_keys], text[prep.negative_key],
+            cfg.num_validation_images, seed, size, cfg.num_inference_steps, cfg.guidance_scale, cfg.attention_backend,
         )  # fmt: skip
 
 
@@ -161,8 +162,12 @@ def _model(run: Run) -> None:
         loaders.apply_fp8_storage(transformer, place)
         run.swapper = loaders.attach_memory_savers(transformer, place)
     if place.memory.compiled:  # the plan decided (on by default on CUDA with bf16 blocks, see plan/choose.py)
-        run.compiled = speed.CompiledBlocks(transformer.transformer_blocks)
-        run.say(f"compiling {len(run.compiled.blocks)} transformer blocks (the first steps include compilation)")
+        shapes = len(run.batches.order.shapes())  # (bucket, batch length) pairs: one compilation each, or dynamic
+        run.compiled = speed.CompiledBlocks(transformer.transformer_blocks, shapes=shapes)
+        run.say(
+            f"compiling {len(run.compiled.blocks)} transformer blocks for {shapes} batch shape(s), "
+            f"{'dynamic' if run.compiled.dynamic else 'static'} shapes (the first steps include compilation)"
+        )
     scheduler = loaders.load_scheduler(run.prep.src)
     run.sigmas = scheduler.sigmas.to(place.device)
     run.timesteps = scheduler.timesteps.to(place.device)
@@ -193,7 +198,9 @@ def _optimization(run: Run) -> None:
 def _resume(run: Run) -> None:
     if not run.resume_path:
         return
-    start, state, trainer_state, _meta = checkpoint.load(run.resume_path)
+    start, state, trainer_state, meta = checkpoint.load(run.resume_path)
+    if meta.get("data_order", run.batches.order.fingerprint) != run.batches.order.fingerprint:
+        run.say("warning: the images or their buckets changed since this checkpoint; the data order differs from it")
     lora.load_lora_state(run.accelerator.unwrap_model(run.transformer), state, str(run.resume_path))
     for p in run.params:
         p.data = p.data.float()
@@ -227,7 +234,9 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run:
 def micro_step_loss(run: Run, m: int) -> torch.Tensor:
     """The loss of micro-batch m: its batch from the caches, then the flow-matching loss through the model."""
     cfg, place, dev = run.cfg, run.place, run.place.device
-    x0, prompt_embeds, pooled = (to_device(t, dev) for t in make_batch(run.batches, m, run.accelerator.process_index))
+    b = make_batch(run.batches, m, run.accelerator.process_index)
+    x0, prompt_embeds, pooled = (to_device(t, dev) for t in (b.x0, b.prompt_embeds, b.pooled))
+    mask = to_device(b.mask, dev) if b.mask is not None else None
     offload = torch.autograd.graph.save_on_cpu(pin_memory=dev.type == "cuda")
 
     def model(x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -244,7 +253,7 @@ def micro_step_loss(run: Run, m: int) -> torch.Tensor:
         cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, bool(cfg.precondition_outputs),
         cfg.prior_loss_weight,
     )  # fmt: skip
-    return flow_matching_loss(model, x0, cfg.train_batch_size, run.sigmas, run.timesteps, flow)
+    return flow_matching_loss(model, x0, b.n_instance, run.sigmas, run.timesteps, flow, mask, b.prior_weight)
 
 
 def optimizer_step(run: Run, step: int) -> torch.Tensor:
@@ -302,7 +311,8 @@ def _checkpoint(run: Run, step: int) -> None:
     cfg = run.cfg
     checkpoint.save_training_state(
         run.out / "checkpoints", step, run.accelerator.unwrap_model(run.transformer), run.optimizer.optimizer,
-        run.lr_scheduler, run.accelerator.scaler, cfg.rank, cfg.alpha, {"settings": cfg.to_dict()},
+        run.lr_scheduler, run.accelerator.scaler, cfg.rank, cfg.alpha,
+        {"settings": cfg.to_dict(), "data_order": run.batches.order.fingerprint},
         cfg.checkpoints_total_limit, run.out,
     )  # fmt: skip
 

@@ -35,10 +35,14 @@ def flow_matching_loss(
     scheduler_sigmas: torch.Tensor,
     scheduler_timesteps: torch.Tensor,
     settings: FlowSettings,
+    mask: torch.Tensor | None = None,
+    prior_loss_weight: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draws timesteps (global CPU RNG) and noise (x0's device RNG), runs the model, returns the scalar loss.
 
-    The batch holds ``n_instance`` instance samples, then class samples weighted by ``prior_loss_weight``.
+    The batch holds ``n_instance`` instance samples, then class samples weighted by ``prior_loss_weight``
+    (default: the settings'; a tensor gives each class sample its own). ``mask`` (B, 1, h, w) weights the
+    loss per latent pixel, normalised by its area (``--masked_loss``).
     """
     s = settings
     n_timesteps = len(scheduler_timesteps)  # the training scheduler's num_train_timesteps
@@ -49,5 +53,10 @@ def flow_matching_loss(
     x_t = flow.noisy_latents(x0, noise, sigma)
     pred = flow.prediction(model(x_t, timesteps).float(), x_t, sigma, s.precondition_outputs)
     tgt = flow.target(x0, noise, s.precondition_outputs)
-    per_sample = flow.per_sample_loss(pred, tgt, flow.loss_weighting(s.weighting_scheme, sigma))
-    return flow.dreambooth_loss(per_sample, n_instance, s.prior_loss_weight)
+    weighting = flow.loss_weighting(s.weighting_scheme, sigma)
+    if mask is None:
+        per_sample = flow.per_sample_loss(pred, tgt, weighting)
+    else:
+        per_sample = flow.masked_per_sample_loss(pred, tgt, weighting, mask)
+    weight = s.prior_loss_weight if prior_loss_weight is None else prior_loss_weight
+    return flow.dreambooth_loss(per_sample, n_instance, weight)
