@@ -154,7 +154,7 @@ def largest_size(concepts: Sequence[Concept], enable: bool | None, settings: bk.
         return res, res
     candidates = [s for c in concepts for s in bk.bucket_sizes(c.resolution, settings)]
     candidates += [(c.resolution, c.resolution) for c in concepts if enable is None]  # auto may stay square
-    return max(candidates, key=lambda s: (s[0] * s[1], s))
+    return max(candidates, key=lambda s: (s[0] * s[1], -abs(s[0] - s[1])))  # ties: the squarest
 
 
 def pair_items(
