@@ -55,10 +55,15 @@ _WARNED: set[str] = set()
 
 
 def _warn_once(message: str) -> None:
-    """Warnings go to stderr once per process (the data is scanned by verify, then again)."""
+    """Warnings go to stderr once per run (the data is scanned by verify, then again)."""
     if message not in _WARNED:
         _WARNED.add(message)
         print(message, file=sys.stderr)
+
+
+def new_run() -> None:
+    """Forget the warnings given: a new run in this process warns again."""
+    _WARNED.clear()
 
 
 def run_concepts(cfg: TrainConfig) -> list[concepts_.Concept]:

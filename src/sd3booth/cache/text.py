@@ -86,7 +86,7 @@ def long_caption_warning(captions: Iterable[str], src: ModelSource, max_sequence
             continue
         tok = AutoTokenizer.from_pretrained(src.root / folder, revision=src.revision)
         limit = limit or tok.model_max_length
-        over = [n - limit for n in (len(ids) for ids in tok(captions).input_ids) if n > limit]
+        over = [n - limit for n in (len(ids) for ids in tok(captions, verbose=False).input_ids) if n > limit]
         if over:
             cut[name] = (limit, len(over), sum(over))
     if not cut:
