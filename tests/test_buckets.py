@@ -191,13 +191,9 @@ def test_compiled_blocks_compile_each_shape_once_or_once_for_all():
         torch._dynamo.reset()
         block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
         counter = CompileCounter()
-        import os
-
-        os.environ[speed.SHAPES_ENV] = mode
-        try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(speed.SHAPES_ENV, mode)
             compiled = speed.CompiledBlocks([block], backend=counter, shapes=n_shapes)
-        finally:
-            del os.environ[speed.SHAPES_ENV]
         assert compiled.dynamic == (mode == "dynamic")
         counts = []
         for s in shapes:
@@ -240,3 +236,8 @@ def test_mixed_aspect_folder_trains_and_the_lora_loads(tiny_model, tmp_path, cap
     assert pipe.transformer.peft_config
     lat = Counter(p.name for p in (out / "cache" / "latents").glob("*.safetensors"))
     assert len(lat) == len(MIXED)  # one latent per image, at its own bucket
+    gen = tmp_path / "gen"
+    assert main(["generate", "--lora", str(out / "pytorch_lora_weights.safetensors"), "--prompt", "sks toy",
+                 "--num_images", "1", "--num_inference_steps", "1", "--width", "80", "--height", "48",
+                 "--output_dir", str(gen), "--cache_dir", str(out / "cache")]) == 0  # fmt: skip
+    assert Image.open(gen / "image-000.png").size == (80, 48)
