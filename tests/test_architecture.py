@@ -183,7 +183,7 @@ LAYERS = [
     {"prepare"},
     {"train"},
     {"random_model", "demo"},
-    {"bench", "bench_speed"},
+    {"bench"},
     {"cli", "__main__"},
 ]
 

@@ -163,7 +163,7 @@ def test_latent_keys_carry_the_bucket_and_square_keys_stay_as_before(tmp_path):
 
 def test_planner_plans_for_the_largest_bucket(tiny_model):
     from sd3booth.config import TrainConfig
-    from sd3booth.plan.choose import Workload, plan_for_config
+    from sd3booth.plan.choose import Machine, Workload, plan_for_config
 
     base = dict(resolution=1024, batch=1, t5_len=77, rank=4, lora_params=1, optimizer="adamw", validation=False,
                 class_images=False)  # fmt: skip
@@ -175,8 +175,8 @@ def test_planner_plans_for_the_largest_bucket(tiny_model):
     assert w * h == max(a * b for a, b in bk.bucket_sizes(1000, s)) > 960 * 960  # not the square bucket (960)
     assert concepts.largest_size([one, concepts.Concept("b", resolution=1024)], None, s) == (1024, 1024)
     cfg = TrainConfig(pretrained_model_name_or_path=str(tiny_model), instance_data_dir="x", resolution=64)
-    small, _ = plan_for_config(cfg, tiny_model, 24.0, train_size=(64, 64))
-    large, _ = plan_for_config(cfg, tiny_model, 24.0, train_size=(128, 192))
+    small, _ = plan_for_config(cfg, tiny_model, Machine(24.0), train_size=(64, 64))
+    large, _ = plan_for_config(cfg, tiny_model, Machine(24.0), train_size=(128, 192))
     assert large.predicted["training"] > small.predicted["training"]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -20,6 +21,7 @@ from sd3booth import sample
 from sd3booth.cache import latents as cache_latents
 from sd3booth.cache import masks as cache_masks
 from sd3booth.cache import text as cache_text
+from sd3booth.cache.store import clean_temporaries, tmp_prefix
 from sd3booth.config import TrainConfig
 from sd3booth.config.datasets import read_dataset_config
 from sd3booth.data import concepts as concepts_
@@ -86,13 +88,15 @@ def run_concepts(cfg: TrainConfig) -> list[concepts_.Concept]:
     return concepts_.concepts_from_entries(entries, default, prior, cfg.dataset_config)
 
 
-def bucket_settings(cfg: TrainConfig) -> BucketSettings:
-    return BucketSettings(cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
+def bucket_settings(cfg: TrainConfig, src: ModelSource) -> BucketSettings:
+    """The bucket flags, with the default longest side capped to what the model's position embedding takes."""
+    largest, _ = source.resolution_limits(src)
+    return BucketSettings(cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps, largest)
 
 
-def train_size(cfg: TrainConfig) -> Size:
+def train_size(cfg: TrainConfig, src: ModelSource) -> Size:
     """The largest training size of the run (the memory plan plans for its token count)."""
-    return concepts_.largest_size(run_concepts(cfg), cfg.enable_bucket, bucket_settings(cfg))
+    return concepts_.largest_size(run_concepts(cfg), cfg.enable_bucket, bucket_settings(cfg, src))
 
 
 def _outputs(cfg: TrainConfig) -> dict[str, Path]:
@@ -196,6 +200,8 @@ def generate_class_images(
     """Generates the missing class images with the base model (loaded once) and keeps them in each concept's
     class folder. Each image is drawn at the training size of the instance image it will be paired with."""
     prompts = [text_keys[j.concept.class_prompt or ""] for j in jobs]
+    for job in jobs:
+        clean_temporaries(Path(job.concept.class_data_dir or ""))  # of a generation killed last time
     emb = cache_text.load_text_embeddings([*prompts, text_keys[NEGATIVE_PROMPT]], cfg.cache_path, torch.float32)
     transformer = loaders.load_transformer(src, place)
     vae = loaders.load_vae(src, place)
@@ -203,6 +209,7 @@ def generate_class_images(
     autocast = place.weight_dtype if place.weight_dtype != torch.float32 else None
     for job, prompt_key in zip(jobs, prompts):
         c = job.concept
+        folder = Path(c.class_data_dir or "")
         log(f"generating {len(job.sizes)} class image(s) for '{c.class_prompt}'")
         tag = hashlib.sha256(f"{c.class_prompt}|{src.identity('transformer')}".encode()).hexdigest()[:8]
         base = (cfg.seed or 0) + 10_000 * job.have
@@ -217,8 +224,11 @@ def generate_class_images(
                     cfg.num_inference_steps, cfg.guidance_scale, place.device, batch_size=len(chunk),
                     autocast_dtype=autocast, seeds=[base + q for q in chunk],
                 )  # fmt: skip
-                for q, img in zip(chunk, images):
-                    img.save(Path(c.class_data_dir or "") / f"class-{tag}-{job.have + q:05d}.png")
+                for q, img in zip(chunk, images):  # written whole, then renamed: a killed run leaves no half image
+                    name = f"class-{tag}-{job.have + q:05d}.png"
+                    tmp = folder / f"{tmp_prefix(name)}0.tmp"
+                    img.save(tmp, format="PNG")
+                    os.replace(tmp, folder / name)
     loaders.free(transformer, vae)
     del pipe, transformer, vae
 
@@ -277,7 +287,7 @@ def prepare(
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
     concepts = run_concepts(cfg)
     instances = scan_data(cfg, log)
-    sizes, on, scales = concepts_.training_sizes(instances, concepts, cfg.enable_bucket, bucket_settings(cfg))
+    sizes, on, scales = concepts_.training_sizes(instances, concepts, cfg.enable_bucket, bucket_settings(cfg, src))
     if warning := upscale_warning({str(ex.path): scales[ex.uid] for ex in instances}):
         _warn_once(warning)
     validation = validation_prompts(cfg)
@@ -311,9 +321,12 @@ def prepare_command(cfg: TrainConfig, log: Callable[[str], None] = print) -> Pre
     source.quiet_libraries()
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
     # the same decision as `train`, for the largest training size
-    place = placement.place_run(cfg, src.root, placement.detect_device(), train_size=train_size(cfg))
+    place = placement.place_run(cfg, src.root, placement.detect_device(), train_size=train_size(cfg, src))
     stages = Stages(place.device)
-    prep = prepare(cfg, place, log, stages.stage)
+    try:
+        prep = prepare(cfg, place, log, stages.stage)
+    finally:
+        stages.close()
     log(
         f"cached: {len(prep.text_keys)} caption embedding(s), {len(prep.latent_keys)} latent(s), "
         f"{len(prep.classes)} class image(s) in {cfg.cache_path}"

@@ -12,6 +12,7 @@ bucket step) is left for that window; the bucket's size is part of the key.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -85,8 +86,11 @@ def ensure_latents(
     The VAE is loaded only if something is missing, and freed before returning.
     """
     store = TensorStore(cache_root / "latents")
+    store.clean_temporaries()  # left by a run killed mid-write
     vae_id = src.identity("vae")
     numerics = f"{str(place.vae_dtype).removeprefix('torch.')}@{place.device.type}"
+    channels = json.loads((src.root / "vae" / "config.json").read_text(encoding="utf-8")).get("latent_channels")
+    expected = {"mean": (channels, None, None), "std": (channels, None, None)}
     keys: dict[tuple[str, Size, bool], str] = {}
     todo: list[tuple[dataset.Example, LatentSpec, str]] = []
     digests: dict[Path, str] = {}
@@ -94,7 +98,7 @@ def ensure_latents(
         if ex.path not in digests:
             digests[ex.path] = dataset.file_digest(ex.path)
         k = latent_key(digests[ex.path], spec, vae_id, numerics)
-        if k not in keys.values() and not store.has(k):
+        if k not in keys.values() and not store.usable(k, expected):
             todo.append((ex, spec, k))
         keys[(ex.uid, spec.size, spec.flip)] = k
     if not todo:

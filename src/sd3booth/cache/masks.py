@@ -37,7 +37,7 @@ def ensure_masks(
     todo = []
     for ex, path, alpha, spec in jobs:
         k = mask_key(dataset.file_digest(path), alpha, spec)
-        if k not in keys.values() and not store.has(k):
+        if k not in keys.values() and not store.usable(k, {"mask": (1, None, None)}):
             todo.append((ex, path, alpha, spec, k))
         keys[(ex.uid, spec.size)] = k
     if todo:

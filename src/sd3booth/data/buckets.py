@@ -31,12 +31,15 @@ class BucketSettings:
     """The bucket flags of a run (``--min_bucket_reso``, ``--max_bucket_reso``, ``--bucket_reso_steps``)."""
 
     min_reso: int | None = None  # default: resolution / 2
-    max_reso: int | None = None  # default: resolution * 2
+    max_reso: int | None = None  # default: resolution * 2, at most ``limit``
     step: int = 64
+    limit: int | None = None  # the longest side the model takes (its position embedding); None: no limit
 
     def bounds(self, resolution: int) -> tuple[int, int]:
         lo = self.min_reso if self.min_reso is not None else max(self.step, resolution // 2 // self.step * self.step)
         hi = self.max_reso if self.max_reso is not None else resolution * 2 // self.step * self.step
+        if self.max_reso is None and self.limit:
+            hi = min(hi, self.limit // self.step * self.step)
         return lo, hi
 
 

@@ -33,22 +33,22 @@ def load_text_encoder(src: ModelSource, index: int, place: Placement) -> tuple[A
     tok = AutoTokenizer.from_pretrained(src.root / f"tokenizer{sub}", revision=src.revision)
     kw: dict[str, Any] = {"variant": src.variant} if src.variant else {}
     if index < 3:
+        # device_map: weights go from the safetensors file straight to the device, not through host memory
         model = CLIPTextModelWithProjection.from_pretrained(
-            src.root / f"text_encoder{sub}", dtype=place.text_dtype, **kw
+            src.root / f"text_encoder{sub}", dtype=place.text_dtype, device_map={"": place.device}, **kw
         )
-        model.to(place.device)
     elif place.memory.t5 in ("int8", "nf4"):
         from transformers import BitsAndBytesConfig
 
         q = (
             BitsAndBytesConfig(load_in_8bit=True)
             if place.memory.t5 == "int8"
-            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=place.t5_dtype)
         )
-        # bf16, not fp16: in fp16 transformers keeps T5's FFN `wo` in fp32 (+2 GB) and T5 overflows.
+        # bf16 where the card has it; in fp16 transformers keeps T5's FFN `wo` in fp32 (+2 GB), where T5 overflows
         model = T5EncoderModel.from_pretrained(
             src.root / "text_encoder_3",
-            dtype=torch.bfloat16,
+            dtype=place.t5_dtype,
             quantization_config=q,
             device_map={"": place.device},
             **kw,
@@ -57,14 +57,12 @@ def load_text_encoder(src: ModelSource, index: int, place: Placement) -> tuple[A
         from accelerate import cpu_offload
 
         # bf16 weights stay in CPU memory; accelerate's hooks copy each layer in just before it runs.
-        model = T5EncoderModel.from_pretrained(src.root / "text_encoder_3", dtype=torch.bfloat16, **kw)
+        model = T5EncoderModel.from_pretrained(src.root / "text_encoder_3", dtype=place.t5_dtype, **kw)
         cpu_offload(model, execution_device=place.device)
     else:
-        dtype = (
-            torch.float32 if place.t5_device.type == "cpu" and place.weight_dtype == torch.float32 else torch.bfloat16
+        model = T5EncoderModel.from_pretrained(
+            src.root / "text_encoder_3", dtype=place.t5_dtype, device_map={"": place.t5_device}, **kw
         )
-        model = T5EncoderModel.from_pretrained(src.root / "text_encoder_3", dtype=dtype, **kw)
-        model.to(place.t5_device)
     model.requires_grad_(False).eval()
     return tok, model
 
@@ -103,10 +101,13 @@ def load_transformer(src: ModelSource, place: Placement) -> Any:
             **kw,
         )
         return model.requires_grad_(False)
+    if not place.memory.swap_blocks:  # straight from the safetensors file to the device, not via host memory
+        model = SD3Transformer2DModel.from_pretrained(
+            src.root / "transformer", torch_dtype=place.weight_dtype, device_map=str(place.device), **kw
+        )
+        return model.requires_grad_(False)
     model = SD3Transformer2DModel.from_pretrained(src.root / "transformer", torch_dtype=place.weight_dtype, **kw)
     model.requires_grad_(False)
-    if not place.memory.swap_blocks:
-        return model.to(place.device)
     for i, block in enumerate(model.transformer_blocks):
         if i >= place.memory.swap_blocks:
             block.to(place.device)
@@ -162,8 +163,20 @@ def vae_latent_params(src: ModelSource) -> tuple[float, float]:
 
 
 def free(*models: Any) -> None:
-    """Drops references the caller passes in, collects, and returns cached GPU memory to the driver."""
+    """Drops references the caller passes in, collects, and returns cached GPU memory to the driver and freed
+    host memory to the system.
+
+    A streamed T5 keeps its weights in accelerate's offload hooks, which ``.to("meta")`` does not reach: without
+    removing the hooks its 9 GB stayed in host memory for the rest of the run (measured, issue #10)."""
     for m in models:
+        if (
+            isinstance(m, torch.nn.Module)
+            and hasattr(m, "_hf_hook")
+            or any(hasattr(x, "_hf_hook") for x in (m.modules() if isinstance(m, torch.nn.Module) else []))
+        ):
+            from accelerate.hooks import remove_hook_from_module
+
+            remove_hook_from_module(m, recurse=True)
         if (
             m is not None
             and hasattr(m, "to")
@@ -178,6 +191,20 @@ def free(*models: Any) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    _return_host_memory()
+
+
+def _return_host_memory() -> None:
+    """glibc keeps freed heap memory for reuse; malloc_trim hands it back so RSS reflects what is live."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            pass
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -27,15 +27,16 @@ from sd3booth.cache import masks as cache_masks
 from sd3booth.cache import text as cache_text
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
-from sd3booth.models import loaders, placement, source, speed
+from sd3booth.models import loaders, memory, placement, source, speed
 from sd3booth.prepare import Prepared, prepare, train_size
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
-from sd3booth.train import checkpoint
+from sd3booth.train import checkpoint, resume
 from sd3booth.train.batch import BatchSource, make_batch, to_device
+from sd3booth.train.guard import StepGuard, out_of_memory_message
 from sd3booth.train.loss import FlowSettings, flow_matching_loss
 from sd3booth.train.optim import make_lr_scheduler, make_optimizer
 from sd3booth.train.order import DataOrder
-from sd3booth.train.settings import write_settings
+from sd3booth.train.settings import SETTINGS_FILE, RunRecord
 from sd3booth.train.validate import Validator
 from sd3booth.train.verify import verify
 
@@ -75,6 +76,8 @@ class Run:
     start: int = 0
     resume_path: Path | None = None
     validator: Validator | None = None
+    guard: StepGuard | None = None
+    record: RunRecord | None = None  # settings.json, written after each save (main process only)
 
     @property
     def main(self) -> bool:
@@ -95,10 +98,10 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     source.quiet_libraries()
     verify(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.open_output(out)  # created, without the temporaries of a write killed last time
     info = placement.detect_device()
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
-    place = placement.place_run(cfg, src.root, info, train_size=train_size(cfg))  # the largest bucket
+    place = placement.place_run(cfg, src.root, info, train_size=train_size(cfg, src))  # the largest bucket
     accelerator = Accelerator(
         mixed_precision=place.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -106,29 +109,33 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     )
     say = log if accelerator.is_main_process else (lambda _msg: None)
     if place.device.type == "cuda":
-        say(f"memory plan for {place.budget_gib:.1f} GiB ({'--max_vram' if cfg.max_vram else 'default budget'}):")
+        which = "--max_vram" if cfg.max_vram else "default budget: free on the card at start, less 0.5"
+        say(f"memory plan for {place.budget_gib:.1f} GiB of {info.name}, whole process ({which}):")
         say(place.memory.describe())
+        if place.memory.allocator_cap_gib:
+            memory.cap_allocator(place.device, place.memory.allocator_cap_gib)
         if cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
-        plan = {"budget_gib": place.budget_gib, **place.memory.to_dict()}
+        plan = {"budget_gib": place.budget_gib, "device": info.name, "measured_overhead_gib": info.overhead_gib,
+                **place.memory.to_dict()}  # fmt: skip
         (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     return Run(cfg, out, accelerator, place, Stages(place.device), say)
 
 
 def _caches(run: Run) -> None:
     """Every caching stage (main process first; the others then find everything cached), then the folder
-    becomes this run's: only now are old outputs replaced and settings.json written."""
+    becomes this run's: only now are old outputs replaced (settings.json: after each save, see train/settings)."""
     cfg, out = run.cfg, run.out
     noop = lambda name: contextlib.nullcontext()  # noqa: E731
     with run.accelerator.main_process_first():
         prep = prepare(cfg, run.place, run.say, run.stages.stage if run.main else noop)
     if run.main:
         if cfg.overwrite_output_dir and not run.resume_path:
-            for stale in ("checkpoints", "validation", "metrics.jsonl"):  # the old run's; the cache stays
+            for stale in ("checkpoints", "validation", "metrics.jsonl", SETTINGS_FILE, lora.LORA_FILE):  # old run's
                 p = out / stale
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        write_settings(cfg, out)
+        run.record = RunRecord.begin(cfg, out, prep.instances, run.resume_path)
     text = cache_text.load_text_embeddings(prep.text_keys.values(), cfg.cache_path, run.place.weight_dtype)
     lat = cache_latents.load_latents(list(prep.latent_keys.values()), cfg.cache_path)
     seed = cfg.seed if cfg.seed is not None else 0
@@ -193,11 +200,13 @@ def _optimization(run: Run) -> None:
         cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, run.max_steps, cfg.lr_num_cycles, cfg.lr_power
     )
     run.transformer, run.optimizer = acc.prepare(run.transformer, optimizer)
+    run.guard = StepGuard(cfg.max_bad_steps, run.say)
 
 
 def _resume(run: Run) -> None:
     if not run.resume_path:
         return
+    base_lrs = list(run.lr_scheduler.base_lrs)  # this run's rate, before the checkpoint's replaces it
     start, state, trainer_state, meta = checkpoint.load(run.resume_path)
     if meta.get("data_order", run.batches.order.fingerprint) != run.batches.order.fingerprint:
         run.say("warning: the images or their buckets changed since this checkpoint; the data order differs from it")
@@ -206,15 +215,16 @@ def _resume(run: Run) -> None:
         p.data = p.data.float()
     run.optimizer.optimizer.load_state_dict(trainer_state["optimizer"])
     run.lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+    resume.apply_learning_rate(run.optimizer.optimizer, run.lr_scheduler, base_lrs)  # a new rate/schedule applies
     if run.accelerator.scaler is not None and trainer_state.get("scaler"):
         run.accelerator.scaler.load_state_dict(trainer_state["scaler"])
     run.start = start
     run.say(f"resumed from {run.resume_path} at step {start}")
 
 
-def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run:
-    """Everything before the first step, in data-flow order."""
-    run = _open(cfg, log)
+def setup(run: Run) -> None:
+    """Everything before the first step after :func:`_open`, in data-flow order."""
+    cfg = run.cfg
     ckpt_root = run.out / "checkpoints"
     run.resume_path = checkpoint.find(ckpt_root, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
     if cfg.resume_from_checkpoint and run.resume_path is None:
@@ -225,7 +235,6 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run:
     _resume(run)
     if run.main:
         run.accelerator.init_trackers("sd3booth", config=tracker_config(cfg.to_dict()))
-    return run
 
 
 # ---- one step ---------------------------------------------------------------------------------------------
@@ -271,6 +280,8 @@ def optimizer_step(run: Run, step: int) -> torch.Tensor:
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if acc.scaler is not None:  # fp16: the scaler skips steps whose gradients overflowed (a host sync anyway)
+        run.guard.after_step(step + 1, acc.optimizer_step_was_skipped, acc.scaler.get_scale())
     return total
 
 
@@ -315,6 +326,7 @@ def _checkpoint(run: Run, step: int) -> None:
         {"settings": cfg.to_dict(), "data_order": run.batches.order.fingerprint},
         cfg.checkpoints_total_limit, run.out,
     )  # fmt: skip
+    run.record.save(step)
 
 
 def loop(run: Run) -> tuple[int, float | None, list[float]]:
@@ -336,21 +348,27 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
     bar = tqdm(total=run.max_steps, initial=start, desc="train", unit="step", disable=not run.main, dynamic_ncols=True)
     loss_sum, n, last_loss, step_times = torch.zeros((), device=run.place.device), 0, None, []
     t_log, step = time.perf_counter(), start
+    # every block variant is compiled by the end of step 1, every batch shape (bucket) within an epoch
+    compiled_by = (start + 1, start + math.ceil(run.batches.order.batches_per_epoch / cfg.gradient_accumulation_steps))
     with run.stages.stage("training"), speed.attention_context(run.place.device, cfg.attention_backend):
         while step < run.max_steps:
             loss_sum += optimizer_step(run, step)
             step, n = step + 1, n + 1
             bar.update(1)
             profiler.step(step - start)
+            if run.compiled and step in compiled_by:  # no compilation after these steps: free the workers
+                run.compiled.done_compiling()
             # a compiled run logs its first step alone: its time is mostly compilation
             if step % cfg.logging_steps == 0 or step == run.max_steps or (run.compiled and step == start + 1):
                 last_loss = (run.accelerator.reduce(loss_sum, "mean") / n).item()  # the only host sync
+                run.guard.check_loss(step, last_loss, run.accelerator.scaler is not None)
                 step_times.append((time.perf_counter() - t_log) / n)
                 _log_step(run, metrics, step, last_loss, step_times[-1], bar)
                 loss_sum.zero_()
                 n, t_log = 0, time.perf_counter()
             t_pause = time.perf_counter()  # checkpoints and validation do not count as step time
             if step % cfg.checkpointing_steps == 0 and run.main:
+                run.guard.check_loss(step, float(loss_sum.sum()), run.accelerator.scaler is not None)
                 _checkpoint(run, step)
             if _validation_due(run, step) and step < run.max_steps:
                 _validate(run, step)
@@ -375,6 +393,7 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
     if run.main:
         net = run.accelerator.unwrap_model(run.transformer)
         lora_path = lora.save_lora(net, run.out, run.cfg.rank, run.cfg.alpha)
+        run.record.save(step, finished=True)
         folders = run.validator.folders if run.validator else []
         if run.start < run.max_steps or not any(d.name == f"step-{step}" for d in folders):
             _validate(run, step)
@@ -387,6 +406,13 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     """Runs every stage of ``sd3booth train``; returns what it produced."""
-    run = setup(cfg, log)
-    step, last_loss, step_times = loop(run)
-    return finish(run, step, last_loss, step_times)
+    run = _open(cfg, log)
+    try:
+        setup(run)
+        step, last_loss, step_times = loop(run)
+        return finish(run, step, last_loss, step_times)
+    except torch.OutOfMemoryError:
+        stage = run.stages.failed_in or run.stages.current
+        raise UserError(out_of_memory_message(stage, run.place, cfg.max_vram is not None)) from None
+    finally:
+        run.stages.close()

@@ -12,7 +12,7 @@ from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models import source
 from sd3booth.prepare import new_run, scan_data, validation_prompts
-from sd3booth.train import checkpoint
+from sd3booth.train import checkpoint, preflight
 from sd3booth.train.settings import SETTINGS_FILE
 
 
@@ -59,3 +59,4 @@ def verify(cfg: TrainConfig) -> None:
     with torch.device("meta"):
         skeleton = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(src.root / "transformer"))
     lora.resolve_targets(skeleton, cfg.target_layers, cfg.target_blocks)
+    preflight.check(cfg, src)  # writable folders, packages, resolution, a strict resume (train/preflight.py)
