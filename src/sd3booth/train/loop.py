@@ -140,11 +140,8 @@ def _caches(run: Run) -> None:
     lat = cache_latents.load_latents(list(prep.latent_keys.values()), cfg.cache_path)
     seed = cfg.seed if cfg.seed is not None else 0
     order = DataOrder([it.size for it in prep.items], cfg.train_batch_size, run.accelerator.num_processes, seed)
-    if order.batches_per_epoch == 0:
-        raise UserError(f"{len(prep.items)} item(s) is fewer than one batch per process; lower --train_batch_size")
-    run.prep = prep
-    masks = cache_masks.load_masks(list(prep.mask_keys.values()), cfg.cache_path)
-    run.batches = BatchSource(
+    run.prep, masks = prep, cache_masks.load_masks(list(prep.mask_keys.values()), cfg.cache_path)
+    run.batches = BatchSource(  # every item is in a batch: scan_data refuses fewer images than one batch
         prep.instances, prep.classes, prep.items, order, lat, prep.latent_keys, text, prep.text_keys,
         cfg.center_crop, cfg.random_flip, prep.shift_factor, prep.scaling_factor, seed,
         tuple(c.prior_loss_weight for c in prep.concepts), prep.negative_key, cfg.caption_dropout_rate, masks,
@@ -171,10 +168,8 @@ def _model(run: Run) -> None:
     if place.memory.compiled:  # the plan decided (on by default on CUDA with bf16 blocks, see plan/choose.py)
         shapes = len(run.batches.order.shapes())  # (bucket, batch length) pairs: one compilation each, or dynamic
         run.compiled = speed.CompiledBlocks(transformer.transformer_blocks, shapes=shapes)
-        run.say(
-            f"compiling {len(run.compiled.blocks)} transformer blocks for {shapes} batch shape(s), "
-            f"{'dynamic' if run.compiled.dynamic else 'static'} shapes (the first steps include compilation)"
-        )
+        mode = "dynamic" if run.compiled.dynamic else "static"
+        run.say(f"compiling {len(run.compiled.blocks)} blocks for {shapes} batch shape(s), {mode} shapes (first steps)")
     scheduler = loaders.load_scheduler(run.prep.src)
     run.sigmas = scheduler.sigmas.to(place.device)
     run.timesteps = scheduler.timesteps.to(place.device)
