@@ -181,10 +181,10 @@ LAYERS = [
     {"adapters"},
     {"sample"},
     {"prepare"},
-    {"train"},
+    {"train", "report"},
     {"random_model", "demo"},
     {"bench"},
-    {"cli", "__main__"},
+    {"cli", "__main__", "init_wizard"},
 ]
 
 

@@ -51,7 +51,7 @@ resolution = 48
     dog, mug = concepts.concepts_from_entries(entries, default, True, str(toml))
     assert (dog.prior, dog.prior_loss_weight, dog.repeats, dog.num_class_images) == (True, 0.5, 2, 7)
     assert (mug.prior, mug.repeats, mug.resolution, mug.instance_prompt) == (False, 3, 48, "flag prompt")
-    with pytest.raises(UserError, match="--with_prior_preservation is off"):
+    with pytest.raises(UserError, match="no class images are used; add --with_prior_preservation"):
         concepts.concepts_from_entries(entries, default, False, str(toml))
     with pytest.raises(UserError, match="no entry of .* has a class_data_dir"):
         concepts.concepts_from_entries(entries[1:], default, True, str(toml))

@@ -44,13 +44,14 @@ class Prepared:
     text_keys: dict[str, str]  # caption -> key
     latent_keys: dict[tuple[str, Size, bool], str]  # (example uid, training size, flipped) -> key
     negative_key: str  # the empty prompt: classifier-free guidance and caption dropout
-    validation_keys: list[str]
+    validation_keys: list[str]  # of validation_prompts, in order
     shift_factor: float
     scaling_factor: float
     concepts: list[concepts_.Concept] = field(default_factory=list)
     items: list[concepts_.Item] = field(default_factory=list)  # one epoch, see data.concepts
     mask_keys: dict[tuple[str, Size], str] = field(default_factory=dict)  # (uid, size) -> key; --masked_loss
     buckets_on: bool = False
+    validation_prompts: list[str] = field(default_factory=list)
 
 
 _WARNED: set[str] = set()
@@ -70,7 +71,7 @@ def new_run() -> None:
 
 def run_concepts(cfg: TrainConfig) -> list[concepts_.Concept]:
     """The run's concepts: the --dataset_config entries over the flags, or the flags as one entry."""
-    prior = cfg.with_prior_preservation
+    prior = cfg.class_images  # --prior_preservation_mode base_model uses the class prompt and no class images
     default = concepts_.Concept(
         instance_data_dir=cfg.data_dir or "",
         instance_prompt=cfg.instance_prompt,
@@ -293,6 +294,7 @@ def prepare(
     validation = validation_prompts(cfg)
     captions = [ex.caption for ex in instances] + [NEGATIVE_PROMPT]
     captions += [c.class_prompt or "" for c in concepts if c.prior] + validation
+    captions += [cfg.class_prompt or ""] if cfg.base_model_prior else []
     if warning := cache_text.long_caption_warning(captions, src, cfg.max_sequence_length):
         _warn_once(warning)
     text_keys = cache_text.ensure_text_embeddings(
@@ -306,6 +308,7 @@ def prepare(
     )  # fmt: skip
     jobs = _latent_jobs(cfg, prep, sizes, place.memory.vae_tiling)
     prep.latent_keys = cache_latents.ensure_latents(jobs, src, place, cfg.cache_path, log, stage)
+    prep.validation_prompts = validation
     if cfg.masked_loss:
         files = mask_files(cfg, concepts, instances)
         mask_jobs = [(ex, *files[ex.uid], sp) for ex, sp in jobs if not ex.is_class and not sp.flip]

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from sd3booth.adapters.apply import apply_file
 from sd3booth.cache.text import TextEmbedding
 from sd3booth.models.placement import Placement
 
@@ -120,20 +121,26 @@ def generate_with_lora(
     pipe = make_pipeline(
         loaders.load_transformer(src, place), loaders.load_vae(src, place), loaders.load_scheduler(src)
     )
+    text_lora: dict[str, Any] = {}
     if lora_path is not None:
         if not lora_path.is_file():
             raise UserError(f"--lora {lora_path} does not exist; pass a pytorch_lora_weights.safetensors file")
         try:
-            pipe.load_lora_weights(str(lora_path))
+            text_lora = apply_file(pipe, lora_path)
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - a file of another model or format
             raise UserError(
                 f"--lora {lora_path} does not fit this model ({type(e).__name__}: {e})".replace("\n", " ")
             ) from None
+    positive, negative = emb[keys[prompt]], emb[keys[""]]
+    if text_lora:  # the CLIP part of both prompts through the file's text-encoder LoRA; T5's from the cache
+        positive, negative = _encode_with_text_lora(src, place, text_lora, prompt, positive, negative)
     autocast = place.weight_dtype if place.weight_dtype != torch.float32 else None
     images = generate(
         pipe,
-        emb[keys[prompt]],
-        emb[keys[""]],
+        positive,
+        negative,
         num_images,
         seed,
         resolution,
@@ -143,3 +150,24 @@ def generate_with_lora(
         autocast_dtype=autocast,
     )
     return save_images(images, out_dir, prefix="image-")
+
+
+def _encode_with_text_lora(
+    src: Any, place: Placement, text_lora: dict[str, Any], prompt: str, positive: TextEmbedding,
+    negative: TextEmbedding,
+) -> tuple[TextEmbedding, TextEmbedding]:  # fmt: skip
+    from sd3booth.adapters import text_encoder as clip_lora
+    from sd3booth.models import loaders
+
+    tokenizers, encoders = [], []
+    for index, name in enumerate(clip_lora.NAMES, start=1):
+        tok, enc = loaders.load_text_encoder(src, index, place)
+        if name in text_lora:
+            clip_lora.lora_from_state(enc, text_lora[name])
+        tokenizers.append(tok)
+        encoders.append(enc)
+    text = clip_lora.TextEncoders(encoders, place.device, clip_lora.token_ids(tokenizers, [prompt, ""]))
+    with torch.autocast(place.device.type, dtype=place.text_dtype, enabled=place.text_dtype != torch.float32):
+        out = text.embedding(prompt, positive), text.embedding("", negative)
+    loaders.free(*encoders)
+    return out

@@ -60,7 +60,10 @@ def concepts_from_entries(
     for number, entry in enumerate(entries, start=1):
         where = f"{source} [[datasets]] entry {number}"
         if entry.get("class_data_dir") and not prior:
-            raise UserError(f"{where} has a class_data_dir but --with_prior_preservation is off; add the flag")
+            raise UserError(
+                f"{where} has a class_data_dir but no class images are used; add --with_prior_preservation "
+                "(with --prior_preservation_mode class_images)"
+            )
         concept = replace(default, **entry)
         if concept.prior and not concept.class_prompt:
             raise UserError(f"{where} has a class folder but no class_prompt; add class_prompt = 'a photo of a ...'")

@@ -34,11 +34,11 @@ def _tensor_numels(folder: Path, variant: str | None = None) -> dict[str, int]:
 _COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae")
 
 
-def _largest_file(folder: Path, variant: str | None) -> int:
+def _file_bytes(folder: Path, variant: str | None) -> int:
     files = [f for f in folder.glob("*.safetensors") if not variant or f".{variant}." in f.name] or list(
         folder.glob("*.safetensors")
     )
-    return max((f.stat().st_size for f in files), default=0)
+    return sum(f.stat().st_size for f in files)
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,9 @@ class ModelSizes:
     t5_layer_params: int
     vae_params: int
     t5_wo_params: int = 0  # T5's FFN output projections (kept fp32 when T5 runs in fp16)
-    # the largest weight file of each component, bytes: loading maps one file at a time into host memory
-    largest_file: dict[str, int] = field(default_factory=dict, compare=False)
+    # the weight files of each component, bytes in all: loading maps them into host memory (measured: every
+    # shard of a component at once, 2026-11-25)
+    file_bytes: dict[str, int] = field(default_factory=dict, compare=False)
 
     @property
     def transformer_params(self) -> int:
@@ -90,5 +91,5 @@ def read_sizes(root: Path, variant: str | None = None) -> ModelSizes:
         clip_g_params=total("text_encoder_2"), t5_params=sum(t5.values()),
         t5_layer_params=max(layer.values()) if layer else 0, vae_params=total("vae"),
         t5_wo_params=sum(n for name, n in t5.items() if ".DenseReluDense.wo." in name),
-        largest_file={sub: _largest_file(root / sub, variant) for sub in _COMPONENTS if (root / sub).is_dir()},
+        file_bytes={sub: _file_bytes(root / sub, variant) for sub in _COMPONENTS if (root / sub).is_dir()},
     )  # fmt: skip

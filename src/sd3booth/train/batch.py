@@ -94,23 +94,41 @@ def _sample(src: BatchSource, ex: Example, size: Size) -> tuple[torch.Tensor, to
     return (z - src.shift_factor) * src.scaling_factor, mask
 
 
+def _pairs(src: BatchSource, items: list[Item]) -> list[tuple[Example, Size]]:
+    """(example, training size) of each sample: the items' instance images, then their class images."""
+    pairs = [(src.instances[it.instance], it.size) for it in items]
+    return pairs + [(src.classes[it.cls], it.size) for it in items if it.cls is not None]
+
+
+def _captions(
+    src: BatchSource, m: int, rank: int, items: list[Item], pairs: list[tuple[Example, Size]]
+) -> list[str | None]:
+    """Each sample's caption, None where caption dropout gives it the empty prompt (instances only)."""
+    captions: list[str | None] = [ex.caption for ex, _ in pairs]
+    if src.caption_dropout_rate > 0 and src.empty_key is not None:
+        g = torch.Generator().manual_seed((step_seed(src.seed, m, rank) + _DROPOUT_SALT) % 2**63)
+        drop = torch.rand(len(items), generator=g) < src.caption_dropout_rate
+        captions = [None if i < len(items) and bool(drop[i]) else c for i, c in enumerate(captions)]
+    return captions
+
+
+def batch_captions(src: BatchSource, m: int, rank: int) -> list[str]:
+    """The captions of micro-batch m in make_batch's order, "" where dropped (no global RNG drawn)."""
+    items = [src.items[i] for i in src.order.items(m, rank)]
+    return [c if c is not None else "" for c in _captions(src, m, rank, items, _pairs(src, items))]
+
+
 def make_batch(src: BatchSource, m: int, rank: int) -> Batch:
     """Micro-batch m on process ``rank``: its items' instance images, then their class images.
 
     Seeds the global RNG for this micro-batch, so everything random that follows (timesteps, noise) is too.
     """
-    seed = step_seed(src.seed, m, rank)
-    torch.manual_seed(seed)
+    torch.manual_seed(step_seed(src.seed, m, rank))
     items = [src.items[i] for i in src.order.items(m, rank)]
-    pairs = [(src.instances[it.instance], it.size) for it in items]
-    pairs += [(src.classes[it.cls], it.size) for it in items if it.cls is not None]
+    pairs = _pairs(src, items)
     weights = [src.prior_weights[it.concept] for it in items if it.cls is not None]
     samples = [_sample(src, ex, size) for ex, size in pairs]
-    captions = [ex.caption for ex, _ in pairs]
-    if src.caption_dropout_rate > 0 and src.empty_key is not None:
-        g = torch.Generator().manual_seed((seed + _DROPOUT_SALT) % 2**63)
-        drop = torch.rand(len(items), generator=g) < src.caption_dropout_rate
-        captions = [None if i < len(items) and bool(drop[i]) else c for i, c in enumerate(captions)]
+    captions = _captions(src, m, rank, items, pairs)
     embeds = [src.text[src.text_keys[c] if c is not None else src.empty_key] for c in captions]
     masks = [mk for _, mk in samples]
     return Batch(

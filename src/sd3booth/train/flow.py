@@ -61,16 +61,40 @@ def loss_weighting(weighting_scheme: str, sigma: torch.Tensor) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigma)
 
 
-def per_sample_loss(pred: torch.Tensor, tgt: torch.Tensor, weighting: torch.Tensor) -> torch.Tensor:
-    """mean over all but the batch dim of w (pred - target)^2, in fp32: shape (B,)."""
-    err = weighting.float() * (pred.float() - tgt.float()) ** 2
+def elementwise_loss(
+    pred: torch.Tensor, tgt: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1
+) -> torch.Tensor:
+    """l2: (pred - target)^2, the reference. huber and smooth_l1 are kohya's pseudo-Huber forms (its flag names):
+    huber 2c(sqrt(d^2 + c^2) - c) ~ d^2 near 0 and 2c|d| far out; smooth_l1 2(sqrt(d^2 + c^2) - c) ~ d^2 / c
+    near 0 and 2|d| far out. Smooth everywhere, unlike torch's piecewise huber_loss."""
+    d2 = (pred.float() - tgt.float()) ** 2
+    if loss_type == "l2":
+        return d2
+    root = torch.sqrt(d2 + huber_c**2) - huber_c
+    if loss_type == "huber":
+        return 2 * huber_c * root
+    if loss_type == "smooth_l1":
+        return 2 * root
+    raise ValueError(f"unknown loss type {loss_type!r}")
+
+
+def per_sample_loss(
+    pred: torch.Tensor, tgt: torch.Tensor, weighting: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1
+) -> torch.Tensor:
+    """mean over all but the batch dim of w * loss(pred, target), in fp32: shape (B,)."""
+    err = weighting.float() * elementwise_loss(pred, tgt, loss_type, huber_c)
     return err.reshape(err.shape[0], -1).mean(dim=1)
 
 
 def masked_per_sample_loss(
-    pred: torch.Tensor, tgt: torch.Tensor, weighting: torch.Tensor, mask: torch.Tensor
+    pred: torch.Tensor,
+    tgt: torch.Tensor,
+    weighting: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str = "l2",
+    huber_c: float = 0.1,
 ) -> torch.Tensor:
-    """The mean of w (pred - target)^2 over each sample's mask instead of over all pixels: shape (B,).
+    """The mean of w * loss(pred, target) over each sample's mask instead of over all pixels: shape (B,).
 
     ``mask`` (B, 1, h, w) in [0, 1] weights each latent pixel (all channels alike); the sum is divided by the
     mask's area (times the channels), so a sample's loss is the same size whatever the size of its subject,
@@ -78,7 +102,7 @@ def masked_per_sample_loss(
     gives a loss of 0.
     """
     m = mask.float().expand_as(pred)
-    err = weighting.float() * (pred.float() - tgt.float()) ** 2 * m
+    err = weighting.float() * elementwise_loss(pred, tgt, loss_type, huber_c) * m
     b = err.shape[0]
     return err.reshape(b, -1).sum(dim=1) / m.reshape(b, -1).sum(dim=1).clamp_min(1e-8)
 

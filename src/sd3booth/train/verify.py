@@ -35,7 +35,7 @@ def verify(cfg: TrainConfig) -> None:
     out = Path(cfg.output_dir)
     _writable_folder(out, "--output_dir")
     _writable_folder(cfg.cache_path, "--cache_dir")
-    if cfg.with_prior_preservation:
+    if cfg.class_images:
         _writable_folder(Path(cfg.class_data_dir or ""), "--class_data_dir")
     if cfg.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(
