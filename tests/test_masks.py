@@ -39,6 +39,10 @@ def test_masked_loss_is_the_mean_over_the_mask_and_ones_give_the_plain_loss():
     half = m * 0.5 + _square_mask(2, 8, 6, 2, 1, 4) * 0.0  # grey: same normalised loss, area-weighted
     torch.testing.assert_close(flow.masked_per_sample_loss(pred, tgt, w, half), inside.reshape(2, -1).mean(1))
     assert flow.masked_per_sample_loss(pred, tgt, w, torch.zeros(2, 1, 8, 6)).abs().max() == 0
+    for kind in ("huber", "smooth_l1"):  # the robust losses of --loss_type are masked alike
+        torch.testing.assert_close(
+            flow.masked_per_sample_loss(pred, tgt, w, ones, kind, 0.2), flow.per_sample_loss(pred, tgt, w, kind, 0.2)
+        )
 
 
 def test_a_mask_of_zeros_outside_a_square_trains_nothing_there():

@@ -170,9 +170,9 @@ class TrainConfig:
     )
     enable_bucket: bool | None = _f(
         None,
-        "Aspect-ratio buckets: each image goes to the bucket (about --resolution^2 pixels) nearest its aspect ratio, "
-        "is resized to cover it and cropped by at most the remainder; a batch holds one bucket (default: on when "
-        "the images are not all one aspect ratio; --no-enable_bucket crops every image square).",
+        "Aspect-ratio buckets of about --resolution^2 pixels: each image goes to the nearest, loses at most "
+        "--bucket_reso_steps to cropping, and a batch holds one bucket (default: on unless every image fits the "
+        "square; --no-enable_bucket crops square).",
         group="data",
     )
     min_bucket_reso: int | None = _f(None, "Shortest bucket side in pixels (default: --resolution / 2).", group="data")
@@ -180,27 +180,18 @@ class TrainConfig:
     bucket_reso_steps: int = _f(64, "Bucket sides are multiples of this many pixels (a multiple of 16).", group="data")
     masked_loss: bool = _f(
         False,
-        "Weight the loss per pixel by a mask (white = train, black = ignore), normalised by the mask's area; "
-        "masks come from --mask_dir or the images' alpha channel (--alpha_mask).",
+        "Weight the loss by a mask (white = train), normalised by its area; see --mask_dir, --alpha_mask.",
         group="data",
     )
-    mask_dir: str | None = _f(
-        None,
-        "Folder of masks for --masked_loss: same relative path and name as each image, any image format.",
-        group="data",
-    )
+    mask_dir: str | None = _f(None, "Masks for --masked_loss: each image's relative path, any format.", group="data")
     alpha_mask: bool = _f(False, "With --masked_loss, use each image's own alpha channel as its mask.", group="data")
     caption_dropout_rate: float = _f(
-        0.0,
-        "Fraction of instance captions replaced by the empty prompt at each step (keeps the LoRA usable "
-        "without the trigger words); which ones is fixed by --seed.",
-        group="data",
+        0.0, "Fraction of instance captions replaced by the empty prompt each step (fixed by --seed).", group="data"
     )
     dataset_config: str | None = _f(
         None,
-        "TOML file with one [[datasets]] entry per concept (instance_data_dir, instance_prompt, repeats, "
-        "resolution, class_data_dir, class_prompt, num_class_images, prior_loss_weight, mask_dir; relative paths "
-        "are relative to the file); replaces --instance_data_dir and the other per-concept flags.",
+        "TOML file of [[datasets]] entries, one per concept (instance_data_dir, instance_prompt, repeats, resolution, "
+        "class_data_dir, class_prompt, num_class_images, prior_loss_weight, mask_dir); the flags fill in the rest.",
         group="data",
     )
     # prior preservation
@@ -348,20 +339,14 @@ class TrainConfig:
     )
     # validation
     validation_prompt: list[str] | None = _f(
-        None,
-        "Prompt for validation images during training; repeat the flag (or give a TOML list) for several.",
-        group="validation",
+        None, "Prompt for validation images during training; repeat the flag for several.", group="validation"
     )
     num_validation_images: int = _f(4, "Validation images per validation.", group="validation")
     validation_epochs: int = _f(50, "Validate every N epochs (when --validation_steps is not set).", group="validation")
     validation_steps: int | None = _f(None, "Validate every N optimizer steps.", group="validation")
     num_inference_steps: int = _f(28, "Sampling steps for validation and class images.", group="validation")
     guidance_scale: float = _f(7.0, "Classifier-free guidance for validation and class images.", group="validation")
-    validation_prompt_file: str | None = _f(
-        None,
-        "Text file of validation prompts, one per line (blank lines and lines starting with # skipped).",
-        group="validation",
-    )
+    validation_prompt_file: str | None = _f(None, "Text file of validation prompts, one per line.", group="validation")
     width: int | None = _f(None, "Width of validation images (default: --resolution).", group="validation")
     height: int | None = _f(None, "Height of validation images (default: --resolution).", group="validation")
     # checkpoints and output
