@@ -68,7 +68,7 @@ def test_latents_are_keyed_by_content_not_name_or_position(tiny_model, tmp_path,
     dataset.write_demo_like_dataset(d, n=3, size=80)
     spec = [cache_latents.LatentSpec(64, False, False), cache_latents.LatentSpec(64, False, True)]
     ex = dataset.scan_images(d)
-    keys = cache_latents.ensure_latents(ex, spec, src, place, tmp_path / "c", log=lambda m: None)
+    keys = cache_latents.ensure_latents([(e, sp) for e in ex for sp in spec], src, place, tmp_path / "c", log=print)
     assert len(set(keys.values())) == 6
     # renamed copy: same content, same keys, and the VAE is not loaded again
     loads = []
@@ -77,9 +77,10 @@ def test_latents_are_keyed_by_content_not_name_or_position(tiny_model, tmp_path,
     meta = (d / "metadata.jsonl").read_text().replace("toy_00.png", "zz_renamed.png")
     (d / "metadata.jsonl").write_text(meta)
     ex2 = dataset.scan_images(d)
-    keys2 = cache_latents.ensure_latents(ex2, spec, src, place, tmp_path / "c", log=lambda m: None)
+    keys2 = cache_latents.ensure_latents([(e, sp) for e in ex2 for sp in spec], src, place, tmp_path / "c", print)
     assert loads == []
-    assert keys2[("instance/zz_renamed.png", False)] == keys[("instance/toy_00.png", False)]
+    square = (64, 64)
+    assert keys2[("instance/zz_renamed.png", square, False)] == keys[("instance/toy_00.png", square, False)]
     # changed content: a new key
     d2 = tmp_path / "d2"
     dataset.write_demo_like_dataset(d2, n=1, size=80, seed=5)
@@ -93,8 +94,11 @@ def test_cached_latent_distribution_equals_direct_vae_encode(tiny_model, tmp_pat
     d = tmp_path / "data"
     (path,) = dataset.write_demo_like_dataset(d, n=1, size=64)
     spec = cache_latents.LatentSpec(64, True, True)
-    keys = cache_latents.ensure_latents(dataset.scan_images(d), [spec], src, place, tmp_path / "c", log=lambda m: None)
-    mean, std = cache_latents.load_latents(list(keys.values()), tmp_path / "c")[keys[("instance/toy_00.png", True)]]
+    jobs = [(ex, spec) for ex in dataset.scan_images(d)]
+    keys = cache_latents.ensure_latents(jobs, src, place, tmp_path / "c", log=lambda m: None)
+    mean, std = cache_latents.load_latents(list(keys.values()), tmp_path / "c")[
+        keys[("instance/toy_00.png", (64, 64), True)]
+    ]
     vae = loaders.load_vae(src, place)
     px = dataset.to_tensor(dataset.resize_and_crop(dataset.load_image(path), 64, True), flip=True)[None]
     with torch.no_grad():

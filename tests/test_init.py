@@ -68,7 +68,7 @@ def test_init_through_stdin_asks_again_until_answers_make_sense(tiny_model, tmp_
     assert cfg.pretrained_model_name_or_path == str(Path(tiny_model).resolve())
     assert cfg.instance_data_dir == str(photos.resolve()) and cfg.instance_prompt == "a photo of zwx toy"
     assert (cfg.resolution, cfg.rank, cfg.max_train_steps, cfg.learning_rate) == (512, 4, 200, 4e-4)
-    assert cfg.validation_prompt == "a photo of zwx toy on a beach" and cfg.validation_steps == 50
+    assert cfg.validation_prompt == ["a photo of zwx toy on a beach"] and cfg.validation_steps == 50
     assert cfg.output_dir == str(tmp_path / "project" / "output") and cfg.mixed_precision is None
     assert not cfg.with_prior_preservation  # offered, commented out
     text = target.read_text()

@@ -10,25 +10,35 @@ from sd3booth.train.order import DataOrder, step_seed
 
 
 def test_each_epoch_visits_every_item_once_across_processes():
-    order = DataOrder(n_items=12, n_class=5, batch=2, processes=3, seed=7)
+    order = DataOrder([0] * 12, batch=2, processes=3, seed=7)
     assert order.batches_per_epoch == 2
     for epoch in range(3):
-        seen = [i for m in range(epoch * 2, epoch * 2 + 2) for r in range(3) for i in order.instance_items(m, r)]
+        seen = [i for m in range(epoch * 2, epoch * 2 + 2) for r in range(3) for i in order.items(m, r)]
         assert sorted(seen) == list(range(12))
     # each epoch draws its own permutation (seed 7: epochs 0 and 1 differ in their first batch)
-    assert [order.instance_items(m, r) for m in (0, 1) for r in range(3)] != [
-        order.instance_items(m, r) for m in (2, 3) for r in range(3)
+    assert [order.items(m, r) for m in (0, 1) for r in range(3)] != [
+        order.items(m, r) for m in (2, 3) for r in range(3)
     ]
-    epoch0 = [order.instance_items(m, r) for m in (0, 1) for r in range(3)]
+    epoch0 = [order.items(m, r) for m in (0, 1) for r in range(3)]
     assert epoch0 != [[2 * k, 2 * k + 1] for k in range(6)]  # shuffled, not in file order
 
 
-def test_last_partial_batch_is_dropped_and_order_is_stateless():
-    a = DataOrder(n_items=5, n_class=3, batch=2, processes=1, seed=1)
-    assert a.batches_per_epoch == 2
-    b = DataOrder(n_items=5, n_class=3, batch=2, processes=1, seed=1)
-    assert [a.instance_items(m, 0) for m in range(6)] == [b.instance_items(m, 0) for m in reversed(range(6))][::-1]
-    assert all(0 <= c < 3 for m in range(4) for c in a.class_items(m, 0))
+def test_last_partial_batch_is_kept_and_order_is_stateless():
+    """As the reference's DataLoader (drop_last False): 5 items in batches of 2 are 3 batches, the last of 1."""
+    a = DataOrder([0] * 5, batch=2, processes=1, seed=1)
+    assert a.batches_per_epoch == 3
+    assert sorted(len(a.items(m, 0)) for m in range(3)) == [1, 2, 2]
+    assert sorted(i for m in range(3) for i in a.items(m, 0)) == list(range(5))
+    b = DataOrder([0] * 5, batch=2, processes=1, seed=1)
+    assert [a.items(m, 0) for m in range(9)] == [b.items(m, 0) for m in reversed(range(9))][::-1]
+
+
+def test_uneven_batches_across_processes_repeat_the_first_ones():
+    """3 batches over 2 processes: each process takes 2 per epoch; the 4th is the epoch's first again."""
+    order = DataOrder([0] * 6, batch=2, processes=2, seed=0)
+    assert order.batches_per_epoch == 2
+    taken = [order.items(m, r) for m in range(2) for r in range(2)]
+    assert taken[3] == taken[0] and sorted(i for b in taken[:3] for i in b) == list(range(6))
 
 
 def test_step_seeds_differ_by_step_and_rank():

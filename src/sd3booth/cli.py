@@ -67,6 +67,8 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="Image size, a multiple of 16 (default: the training resolution, else the model's native size).",
     )
+    p.add_argument("--width", type=int, help="Image width, a multiple of 16 (default: --resolution).")
+    p.add_argument("--height", type=int, help="Image height, a multiple of 16 (default: --resolution).")
     p.add_argument(
         "--max_sequence_length",
         type=int,
@@ -256,6 +258,10 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     largest, native = source.resolution_limits(src)  # the default fits the model's position embedding
     resolution = ns.resolution or settings.get("resolution") or min(x for x in (native or 1024, largest) if x)
     source.check_resolution(src, resolution)
+    for flag, value in (("--width", ns.width), ("--height", ns.height)):
+        if value is not None:
+            source.check_resolution(src, value, flag)
+    size = (ns.width or resolution, ns.height or resolution)
     # the placement the training run got (its settings, else a default run's), so both share text-cache entries
     run = TrainConfig(
         pretrained_model_name_or_path=model,
@@ -274,7 +280,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         ns.seed,
         ns.num_inference_steps,
         ns.guidance_scale,
-        resolution,
+        size,
         run.max_sequence_length,
         place,
         Path(ns.cache_dir) if ns.cache_dir else out / "cache",

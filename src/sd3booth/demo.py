@@ -31,7 +31,7 @@ def demo_config(out: Path, model_dir: Path, data_dir: Path) -> TrainConfig:
         class_data_dir=str(out / "class_images"),
         class_prompt="a photo of a toy",
         num_class_images=4,
-        validation_prompt="a photo of sks toy on a beach",
+        validation_prompt=["a photo of sks toy on a beach"],
         num_validation_images=2,
         validation_steps=20,
         num_inference_steps=4,

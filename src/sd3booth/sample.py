@@ -41,15 +41,19 @@ def generate(
     negative: TextEmbedding,
     n: int,
     seed: int,
-    size: int,
+    size: int | tuple[int, int],
     steps: int,
     guidance: float,
     device: torch.device,
     batch_size: int = 1,
     autocast_dtype: torch.dtype | None = None,
+    seeds: list[int] | None = None,
 ) -> list[Any]:
-    """n PIL images; image i always comes from seed + i, whatever the batch size."""
+    """n PIL images of ``size`` (square side, or (width, height)); image i always comes from seed + i (or
+    ``seeds[i]``), whatever the batch size."""
     dtype = pipe.transformer.dtype
+    width, height = (size, size) if isinstance(size, int) else size
+    seeds = seeds or [seed + i for i in range(n)]
     images = []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
@@ -57,7 +61,7 @@ def generate(
         def rep(t: torch.Tensor, count: int = count) -> torch.Tensor:
             return t[None].expand(count, *t.shape).to(device, dtype)
 
-        generators = [torch.Generator(device=device).manual_seed(seed + start + i) for i in range(count)]
+        generators = [torch.Generator(device=device).manual_seed(seeds[start + i]) for i in range(count)]
         ctx = (
             torch.autocast(device.type, dtype=autocast_dtype)
             if autocast_dtype
@@ -71,8 +75,8 @@ def generate(
                 negative_pooled_prompt_embeds=rep(negative.pooled),
                 num_inference_steps=steps,
                 guidance_scale=guidance,
-                height=size,
-                width=size,
+                height=height,
+                width=width,
                 generator=generators,
             )
         images.extend(out.images)
@@ -98,7 +102,7 @@ def generate_with_lora(
     seed: int,
     steps: int,
     guidance: float,
-    resolution: int,
+    resolution: int | tuple[int, int],
     max_sequence_length: int,
     place: Placement,
     cache_dir: Path,

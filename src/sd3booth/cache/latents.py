@@ -1,4 +1,4 @@
-"""Latent cache: the VAE encodes each (image content, resolution, crop, flip) once.
+"""Latent cache: the VAE encodes each (image content, training size, crop, flip) once.
 
 The entry holds the latent distribution's mean and std (not one sample), so training can draw a fresh
 sample every step as the un-cached reference does. Keys hash the image bytes, never a position in a
@@ -6,6 +6,8 @@ shuffled loop (the diffusers reference's ``--cache_latents`` bug, diffusers #144
 
 Without ``center_crop`` the latent of the whole resized image is cached and the trainer crops a random
 window in latent space each step (8-pixel granularity), instead of freezing one random crop at start-up.
+With aspect-ratio buckets the image is resized to cover its bucket and only the remainder (at most one
+bucket step) is left for that window; the bucket's size is part of the key.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from sd3booth.cache.store import TensorStore, content_key
 from sd3booth.data import dataset
+from sd3booth.data.buckets import Size, fit_to_bucket
 from sd3booth.models import loaders
 from sd3booth.models.placement import Placement
 from sd3booth.models.source import ModelSource
@@ -27,12 +30,34 @@ from sd3booth.models.source import ModelSource
 
 @dataclass(frozen=True)
 class LatentSpec:
-    """Everything besides the image bytes that decides a cached latent (a future bucket adds its size)."""
+    """Everything besides the image bytes that decides a cached latent."""
 
     resolution: int
     center_crop: bool
     flip: bool
     tiled: bool = False  # tiled encoding blends tile seams: slightly different latents, so its own entries
+    bucket: Size | None = None  # aspect-ratio bucket (w, h); None: the square crop at `resolution`
+
+    @property
+    def size(self) -> Size:
+        """The training size (w, h) in pixels."""
+        return self.bucket or (self.resolution, self.resolution)
+
+    def pixels(self, path: Path) -> torch.Tensor:
+        """The (3, H, W) pixels in [-1, 1] that are encoded: resized and cropped, flipped if asked."""
+        img = dataset.load_image(path)
+        if self.bucket is not None:
+            img = fit_to_bucket(img, self.bucket, self.center_crop)
+        else:
+            img = dataset.resize_and_crop(img, self.resolution, self.center_crop)
+        return dataset.to_tensor(img, flip=self.flip)
+
+
+def geometry(spec: LatentSpec) -> dict[str, object]:
+    """The key parts of a spec's resize and crop (shared with the mask cache)."""
+    if spec.bucket is not None:
+        return {"bucket": f"{spec.bucket[0]}x{spec.bucket[1]}", "center_crop": spec.center_crop}
+    return {"res": spec.resolution, "center_crop": spec.center_crop}
 
 
 def latent_key(digest: str, spec: LatentSpec, vae_identity: str, vae_numerics: str) -> str:
@@ -40,8 +65,7 @@ def latent_key(digest: str, spec: LatentSpec, vae_identity: str, vae_numerics: s
     return content_key(
         kind="latent",
         image=digest,
-        res=spec.resolution,
-        center_crop=spec.center_crop,
+        **geometry(spec),
         flip=spec.flip,
         tiled=spec.tiled,
         vae=vae_identity,
@@ -50,15 +74,14 @@ def latent_key(digest: str, spec: LatentSpec, vae_identity: str, vae_numerics: s
 
 
 def ensure_latents(
-    examples: Sequence[dataset.Example],
-    specs: Sequence[LatentSpec],
+    jobs: Sequence[tuple[dataset.Example, LatentSpec]],
     src: ModelSource,
     place: Placement,
     cache_root: Path,
     log: Callable[[str], None] = print,
     stage: Callable[[str], AbstractContextManager] = lambda name: nullcontext(),
-) -> dict[tuple[str, bool], str]:
-    """Makes sure every (example, spec) latent is on disk; returns (example uid, flip) -> cache key.
+) -> dict[tuple[str, Size, bool], str]:
+    """Makes sure every (example, spec) latent is on disk; returns (example uid, size, flip) -> cache key.
 
     The VAE is loaded only if something is missing, and freed before returning.
     """
@@ -67,23 +90,24 @@ def ensure_latents(
     vae_id = src.identity("vae")
     numerics = f"{str(place.vae_dtype).removeprefix('torch.')}@{place.device.type}"
     channels = json.loads((src.root / "vae" / "config.json").read_text(encoding="utf-8")).get("latent_channels")
-    keys: dict[tuple[str, bool], str] = {}
+    expected = {"mean": (channels, None, None), "std": (channels, None, None)}
+    keys: dict[tuple[str, Size, bool], str] = {}
     todo: list[tuple[dataset.Example, LatentSpec, str]] = []
-    for ex in examples:
-        digest = dataset.file_digest(ex.path)
-        for spec in specs:
-            k = latent_key(digest, spec, vae_id, numerics)
-            keys[(ex.uid, spec.flip)] = k
-            if not store.usable(k, {"mean": (channels, None, None), "std": (channels, None, None)}):
-                todo.append((ex, spec, k))
+    digests: dict[Path, str] = {}
+    for ex, spec in jobs:
+        if ex.path not in digests:
+            digests[ex.path] = dataset.file_digest(ex.path)
+        k = latent_key(digests[ex.path], spec, vae_id, numerics)
+        if k not in keys.values() and not store.usable(k, expected):
+            todo.append((ex, spec, k))
+        keys[(ex.uid, spec.size, spec.flip)] = k
     if not todo:
         return keys
-    log(f"encoding {len(todo)} latent(s) ({len(keys) - len(todo)} cached)")
+    log(f"encoding {len(todo)} latent(s) ({len(set(keys.values())) - len(todo)} cached)")
     with stage("VAE encode"), torch.no_grad():
         vae = loaders.load_vae(src, place)
         for ex, spec, k in todo:
-            img = dataset.resize_and_crop(dataset.load_image(ex.path), spec.resolution, spec.center_crop)
-            px = dataset.to_tensor(img, flip=spec.flip)[None].to(place.device, place.vae_dtype)
+            px = spec.pixels(ex.path)[None].to(place.device, place.vae_dtype)
             dist = vae.encode(px).latent_dist
             store.put(k, {"mean": dist.mean[0].float(), "std": dist.std[0].float()}, metadata={"image": ex.id})
         loaders.free(vae)

@@ -82,6 +82,34 @@ def _t5_embed(tok, enc, captions: list[str], device: torch.device, length: int) 
     return enc(ids.input_ids.to(device))[0].float().cpu()
 
 
+def long_caption_warning(captions: Iterable[str], src: ModelSource, max_sequence_length: int) -> str | None:
+    """One warning line when captions are cut: how many captions and tokens CLIP (77, fixed) and T5
+    (``--max_sequence_length``) drop, with the hint for T5; None when every caption fits. Loads tokenizers only."""
+    from transformers import AutoTokenizer
+
+    captions = list(dict.fromkeys(captions))
+    cut: dict[str, tuple[int, int, int]] = {}  # encoder -> (limit, captions cut, tokens dropped)
+    for folder, limit, name in (("tokenizer", None, "CLIP"), ("tokenizer_3", max_sequence_length, "T5")):
+        if not captions or not (src.root / folder).is_dir():
+            continue
+        tok = AutoTokenizer.from_pretrained(src.root / folder, revision=src.revision)
+        limit = limit or tok.model_max_length
+        over = [n - limit for n in (len(ids) for ids in tok(captions, verbose=False).input_ids) if n > limit]
+        if over:
+            cut[name] = (limit, len(over), sum(over))
+    if not cut:
+        return None
+    said = "; ".join(
+        f"{name} reads {lim} tokens and drops {t} token(s) of {n} caption(s)" for name, (lim, n, t) in cut.items()
+    )
+    hint = (
+        f"raise --max_sequence_length (now {max_sequence_length}, at most 512) or shorten them"
+        if "T5" in cut
+        else "T5 still reads them whole; shorten them to keep CLIP's view"
+    )
+    return f"warning: {said}; {hint}"
+
+
 def encode_batch(
     tok: Any, enc: Any, index: int, prompts: list[str], device: torch.device, t5_len: int = 77
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -24,6 +24,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if kind.startswith("bool"):
             g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
             continue
+        if kind.startswith("list"):  # repeatable: --validation_prompt a --validation_prompt b
+            kw["action"] = "append"
         kw["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]

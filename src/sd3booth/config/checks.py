@@ -17,8 +17,8 @@ def validate(cfg: TrainConfig) -> None:
 
     if not cfg.pretrained_model_name_or_path:
         bad("--pretrained_model_name_or_path is required: a local SD3 diffusers folder or a hub id")
-    if bool(cfg.instance_data_dir) == bool(cfg.dataset_name):
-        bad("give exactly one of --instance_data_dir and --dataset_name")
+    if sum(map(bool, (cfg.instance_data_dir, cfg.dataset_name, cfg.dataset_config))) != 1:
+        bad("give exactly one of --instance_data_dir and --dataset_name (or --dataset_config for several folders)")
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
@@ -83,14 +83,42 @@ def validate(cfg: TrainConfig) -> None:
             bad(f"--lora_blocks {cfg.lora_blocks!r} must be comma-separated block numbers, e.g. '0,1,12'")
         if any(b < 0 for b in blocks):
             bad("--lora_blocks must be non-negative block numbers")
+    _check_data(cfg, bad)
     _check_methods(cfg, bad)
-    if cfg.class_images:
+    if cfg.class_images and not cfg.dataset_config:  # a dataset config names class folders per entry
         if not cfg.class_data_dir:
             bad("--with_prior_preservation needs --class_data_dir (a folder; missing class images are generated)")
         if not cfg.class_prompt:
             bad("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'")
         if cfg.num_class_images < 1:
             bad("--num_class_images must be at least 1")
+
+
+def _check_data(cfg: TrainConfig, bad: Callable[[str], None]) -> None:
+    """Buckets, masks, caption dropout, validation size."""
+    step = cfg.bucket_reso_steps
+    if step < 16 or step % 16:
+        bad(f"--bucket_reso_steps {step} must be a positive multiple of 16 (VAE factor 8 x patch size 2)")
+    for name in ("min_bucket_reso", "max_bucket_reso"):
+        value = getattr(cfg, name)
+        if value is not None and (value < step or value % step):
+            bad(f"--{name} {value} must be a positive multiple of --bucket_reso_steps {step}")
+    if cfg.min_bucket_reso and cfg.max_bucket_reso and cfg.min_bucket_reso > cfg.max_bucket_reso:
+        bad(f"--min_bucket_reso {cfg.min_bucket_reso} is above --max_bucket_reso {cfg.max_bucket_reso}")
+    if cfg.enable_bucket and cfg.resolution < step:
+        bad(f"--resolution {cfg.resolution} is below --bucket_reso_steps {step}; lower the step for buckets")
+    if cfg.masked_loss and not (cfg.mask_dir or cfg.alpha_mask or cfg.dataset_config):
+        bad("--masked_loss needs masks: --mask_dir FOLDER (white = train) or --alpha_mask (the images' alpha)")
+    if (cfg.mask_dir or cfg.alpha_mask) and not cfg.masked_loss:
+        bad(f"{'--mask_dir' if cfg.mask_dir else '--alpha_mask'} is used only with --masked_loss; add it")
+    if cfg.mask_dir and cfg.alpha_mask:
+        bad("--mask_dir and --alpha_mask both give masks; choose one")
+    if not 0.0 <= cfg.caption_dropout_rate <= 1.0:
+        bad(f"--caption_dropout_rate must be between 0 and 1, got {cfg.caption_dropout_rate}")
+    for name in ("width", "height"):
+        value = getattr(cfg, name)
+        if value is not None and (value < 16 or value % 16):
+            bad(f"--{name} {value} must be a positive multiple of 16")
 
 
 def _check_methods(cfg: TrainConfig, bad: Callable[[str], None]) -> None:

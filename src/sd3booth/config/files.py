@@ -31,6 +31,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise TypeError
             return float(value)
+        if kind.startswith("list"):  # a list of strings; one string is a list of one
+            values = [value] if isinstance(value, str) else value
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise TypeError
+            return values
         if kind.startswith("str"):
             if name in ("lora_layers", "lora_blocks") and isinstance(value, list):
                 return ",".join(str(v) for v in value)

@@ -168,6 +168,32 @@ class TrainConfig:
         "so one cache can serve many runs.",
         group="data",
     )
+    enable_bucket: bool | None = _f(
+        None,
+        "Aspect-ratio buckets of about --resolution^2 pixels: each image goes to the nearest, loses at most "
+        "--bucket_reso_steps to cropping, and a batch holds one bucket (default: on unless every image fits the "
+        "square; --no-enable_bucket crops square).",
+        group="data",
+    )
+    min_bucket_reso: int | None = _f(None, "Shortest bucket side in pixels (default: --resolution / 2).", group="data")
+    max_bucket_reso: int | None = _f(None, "Longest bucket side in pixels (default: --resolution * 2).", group="data")
+    bucket_reso_steps: int = _f(64, "Bucket sides are multiples of this many pixels (a multiple of 16).", group="data")
+    masked_loss: bool = _f(
+        False,
+        "Weight the loss by a mask (white = train), normalised by its area; see --mask_dir, --alpha_mask.",
+        group="data",
+    )
+    mask_dir: str | None = _f(None, "Masks for --masked_loss: each image's relative path, any format.", group="data")
+    alpha_mask: bool = _f(False, "With --masked_loss, use each image's own alpha channel as its mask.", group="data")
+    caption_dropout_rate: float = _f(
+        0.0, "Fraction of instance captions replaced by the empty prompt each step (fixed by --seed).", group="data"
+    )
+    dataset_config: str | None = _f(
+        None,
+        "TOML file of [[datasets]] entries, one per concept (instance_data_dir, instance_prompt, repeats, resolution, "
+        "class_data_dir, class_prompt, num_class_images, prior_loss_weight, mask_dir); the flags fill in the rest.",
+        group="data",
+    )
     # prior preservation
     with_prior_preservation: bool = _f(
         False, "Add the DreamBooth prior-preservation loss on class images.", group="prior"
@@ -312,12 +338,17 @@ class TrainConfig:
         1, "1: loss on the denoised latent (reference default); 0: on the velocity.", group="flow"
     )
     # validation
-    validation_prompt: str | None = _f(None, "Prompt for validation images during training.", group="validation")
+    validation_prompt: list[str] | None = _f(
+        None, "Prompt for validation images during training; repeat the flag for several.", group="validation"
+    )
     num_validation_images: int = _f(4, "Validation images per validation.", group="validation")
     validation_epochs: int = _f(50, "Validate every N epochs (when --validation_steps is not set).", group="validation")
     validation_steps: int | None = _f(None, "Validate every N optimizer steps.", group="validation")
     num_inference_steps: int = _f(28, "Sampling steps for validation and class images.", group="validation")
     guidance_scale: float = _f(7.0, "Classifier-free guidance for validation and class images.", group="validation")
+    validation_prompt_file: str | None = _f(None, "Text file of validation prompts, one per line.", group="validation")
+    width: int | None = _f(None, "Width of validation images (default: --resolution).", group="validation")
+    height: int | None = _f(None, "Height of validation images (default: --resolution).", group="validation")
     # checkpoints and output
     output_dir: str = _f("sd3-dreambooth-lora", "Where the LoRA, checkpoints, images and logs go.", group="output")
     overwrite_output_dir: bool = _f(
@@ -364,6 +395,12 @@ class TrainConfig:
         if not self.lora_blocks:
             return None
         return [int(s) for s in self.lora_blocks.split(",") if s.strip()]
+
+    @property
+    def validation_prompts(self) -> list[str]:
+        """--validation_prompt as a list (a TrainConfig built in code may hold one string)."""
+        v = self.validation_prompt
+        return [v] if isinstance(v, str) else list(v or [])
 
     @property
     def data_dir(self) -> str | None:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +42,13 @@ class Example:
     caption: str
     caption_source: str
     is_class: bool = False
+    concept: int = 0  # index of its [[datasets]] entry (0 without --dataset_config)
 
     @property
     def uid(self) -> str:
-        """Unique across instance and class images (their ids may coincide)."""
-        return f"{'class' if self.is_class else 'instance'}/{self.id}"
+        """Unique across instance and class images and concepts (their ids may coincide)."""
+        kind = "class" if self.is_class else "instance"
+        return f"{kind}/{self.id}" if self.concept == 0 else f"{kind}{self.concept}/{self.id}"
 
 
 def _one_line(text: str) -> str:
@@ -58,11 +60,16 @@ def _user_error(text: str) -> UserError:
     return UserError(_one_line(text))
 
 
-def _walk_images(root: Path) -> list[tuple[str, Path]]:
-    """(id, absolute path) of every non-hidden image file under ``root``, recursively, sorted by id."""
+def _walk_images(root: Path, exclude: Sequence[Path] = ()) -> list[tuple[str, Path]]:
+    """(id, absolute path) of every non-hidden image file under ``root``, recursively, sorted by id.
+
+    Folders in ``exclude`` (resolved paths: the run's output and cache folders) are never entered, so a scan
+    cannot pick up a run's own validation images or generated files.
+    """
     found: list[tuple[str, Path]] = []
+    skip = {Path(p).resolve() for p in exclude}
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (Path(dirpath) / d).resolve() not in skip)
         for name in filenames:
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
@@ -171,6 +178,8 @@ def scan_images(
     image_column: str = "file_name",
     instance_prompt: str | None = None,
     warn: Callable[[str], None] = print,
+    exclude: Sequence[Path] = (),
+    concept: int = 0,
 ) -> list[Example]:
     """Find the instance images under ``root`` (recursively, hidden files skipped) and resolve their captions.
 
@@ -186,7 +195,7 @@ def scan_images(
     root = root.resolve()
 
     metadata = _read_metadata(root, caption_column, image_column)
-    found = _walk_images(root)
+    found = _walk_images(root, exclude)
     if not found:
         raise _user_error(
             f"no image files found in {root} (looked recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
@@ -212,14 +221,14 @@ def scan_images(
     for image_id, path in usable:
         entry = metadata.get(image_id)
         if entry is not None and entry[0]:
-            examples.append(Example(image_id, path, entry[0], f"{METADATA_FILE}:{entry[1]}"))
+            examples.append(Example(image_id, path, entry[0], f"{METADATA_FILE}:{entry[1]}", concept=concept))
             continue
         txt_path = path.with_suffix(".txt")
         caption = _read_sidecar(txt_path) if txt_path.is_file() else ""
         if caption:
-            examples.append(Example(image_id, path, caption, txt_path.relative_to(root).as_posix()))
+            examples.append(Example(image_id, path, caption, txt_path.relative_to(root).as_posix(), concept=concept))
         elif prompt:
-            examples.append(Example(image_id, path, prompt, "instance_prompt"))
+            examples.append(Example(image_id, path, prompt, "instance_prompt", concept=concept))
         else:
             missing.append(image_id)
     if missing:
@@ -232,7 +241,7 @@ def scan_images(
     return examples
 
 
-def scan_class_images(root: Path, class_prompt: str) -> list[Example]:
+def scan_class_images(root: Path, class_prompt: str, concept: int = 0, exclude: Sequence[Path] = ()) -> list[Example]:
     """All readable images under ``root`` (created if missing) as class examples captioned ``class_prompt``.
 
     Unreadable images are skipped silently (they are regenerated/ignored by the caller); sorted by id.
@@ -246,8 +255,8 @@ def scan_class_images(root: Path, class_prompt: str) -> list[Example]:
         raise _user_error(f"cannot create class data folder {root} ({e.strerror or e}); choose a writable path") from e
     root = root.resolve()
     return [
-        Example(image_id, path, class_prompt, "class_prompt", is_class=True)
-        for image_id, path in _walk_images(root)
+        Example(image_id, path, class_prompt, "class_prompt", is_class=True, concept=concept)
+        for image_id, path in _walk_images(root, exclude)
         if _unreadable_reason(path) is None
     ]
 
@@ -292,7 +301,9 @@ def load_image(path: Path) -> Image.Image:
     return img
 
 
-def resize_and_crop(img: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
+def resize_and_crop(
+    img: Image.Image, resolution: int, center_crop: bool, resample: Image.Resampling = Image.Resampling.LANCZOS
+) -> Image.Image:
     """Resize with LANCZOS so the shorter side is ``resolution`` (aspect kept), then crop.
 
     With ``center_crop`` the result is exactly ``resolution x resolution`` (center crop). Without it the resized
@@ -311,7 +322,7 @@ def resize_and_crop(img: Image.Image, resolution: int, center_crop: bool) -> Ima
     else:
         new_w, new_h = max(resolution, round(w * resolution / h)), resolution
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
+        img = img.resize((new_w, new_h), resample)
     if center_crop:
         target_w = target_h = resolution
     else:

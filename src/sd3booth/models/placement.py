@@ -117,15 +117,22 @@ def decide(info: DeviceInfo, mixed_precision: str | None, memory: Plan, budget_g
     return Placement(info.device, mp, weight, weight, vae, memory, budget_gib)
 
 
-def place_run(cfg: Any, model_root: Path, info: DeviceInfo, cal: dict[str, Any] | None = None) -> Placement:
+def place_run(
+    cfg: Any,
+    model_root: Path,
+    info: DeviceInfo,
+    cal: dict[str, Any] | None = None,
+    train_size: tuple[int, int] | None = None,
+) -> Placement:
     """The placement of a run (a ``TrainConfig``): its memory plan for the device, then every dtype and device.
 
     ``train``, ``prepare`` and ``generate`` all call this, so they agree on every choice that keys a cache.
+    ``train_size`` is the largest training image (w, h) (the largest aspect-ratio bucket; default square).
     """
     machine = None
     if info.type == "cuda":
         available = info.available_gib if info.available_gib is not None else info.total_gib
         bf16 = info.bf16 and cfg.mixed_precision != "fp16"
         machine = Machine(available, info.overhead_gib, bf16, info.ram_available_gib)
-    memory, budget = plan_for_config(cfg, model_root, machine, cal)
+    memory, budget = plan_for_config(cfg, model_root, machine, cal, train_size)
     return decide(info, cfg.mixed_precision, memory, budget)

@@ -23,6 +23,27 @@ from sd3booth.errors import UserError
 
 # Tests on the CPU set "aot_eager": dynamo + AOTAutograd without needing a C++ toolchain.
 BACKEND_ENV = "SD3BOOTH_COMPILE_BACKEND"
+# "static" or "dynamic" forces the shape mode of compiled blocks (tools/gpu_buckets.sh measures both).
+SHAPES_ENV = "SD3BOOTH_COMPILE_SHAPES"
+# Up to this many batch shapes (aspect-ratio buckets x batch lengths) compile once each, with static shapes.
+MAX_STATIC_SHAPES = 8
+ENTRIES_PER_SHAPE = 4  # cache entries one shape can take: block variants (the last block), train/recompute
+
+
+def dynamic_shapes(n_shapes: int, choice: str | None = None) -> bool:
+    """Whether compiled blocks trace with dynamic shapes.
+
+    Static shapes give every bucket the kernels a square run has (the same speed once compiled) and cost one
+    compilation (~30 s on an H100, sd3-facts §4) per shape, paid in the first epoch; dynamic shapes compile
+    once for all shapes, with kernels that cannot specialise on the token count. A handful of shapes (at most
+    ``MAX_STATIC_SHAPES``) compile statically; more switch to dynamic shapes, so compilation stays bounded
+    either way and no step recompiles after the first time its shape is seen. ``SD3BOOTH_COMPILE_SHAPES``
+    (``static`` / ``dynamic``) overrides the choice.
+    """
+    choice = choice or os.environ.get(SHAPES_ENV) or "auto"
+    if choice not in ("auto", "static", "dynamic"):
+        raise UserError(f"{SHAPES_ENV}={choice!r}: expected static, dynamic or auto")
+    return choice == "dynamic" or (choice == "auto" and n_shapes > MAX_STATIC_SHAPES)
 
 
 COMPILE_WORKERS = 2  # inductor's compile subprocesses: each holds ~0.4 GiB of host memory while it lives
@@ -34,9 +55,13 @@ class CompiledBlocks:
     Inductor compiles in a pool of worker processes, by default one per CPU core, each a Python process with
     torch loaded; on the 16-core GPU machine they added ~7 GiB of host memory for the whole run (issue #10).
     The pool is kept small and :meth:`done_compiling` shuts it down once every block variant is compiled.
+
+    ``shapes`` is the number of distinct batch shapes the run feeds (see :func:`dynamic_shapes`).
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], mode: str | None = None, backend: str | None = None) -> None:
+    def __init__(
+        self, blocks: Sequence[nn.Module], mode: str | None = None, backend: str | None = None, shapes: int = 1
+    ) -> None:
         import torch._dynamo
         import torch._inductor.config
 
@@ -44,13 +69,19 @@ class CompiledBlocks:
 
         self.blocks = list(blocks)
         self.eager_forwards = [b.forward for b in self.blocks]
-        # one code object for all blocks: each variant (train/recompute, last block) is a cache entry
+        self.dynamic = dynamic_shapes(shapes)
+        # one code object for all blocks: each variant (train/recompute, last block) and each static shape is a
+        # cache entry; the limits are raised so that no entry is ever evicted or refused (a refused frame would
+        # silently run eager)
         cfg = torch._dynamo.config
-        cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
+        entries = ENTRIES_PER_SHAPE * (1 if self.dynamic else shapes)
+        cfg.cache_size_limit = max(cfg.cache_size_limit, 64, entries)
         if hasattr(cfg, "accumulated_cache_size_limit"):
-            cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 512)
+            cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 512, 2 * entries)
         backend = backend or os.environ.get(BACKEND_ENV) or "inductor"
-        self.compiled = [torch.compile(f, backend=backend, mode=mode, dynamic=False) for f in self.eager_forwards]
+        self.compiled = [
+            torch.compile(f, backend=backend, mode=mode, dynamic=self.dynamic) for f in self.eager_forwards
+        ]
         self._set(self.compiled)
 
     def _set(self, forwards: list[Any]) -> None:

@@ -125,10 +125,12 @@ class Workload:
     text_encoder_rank: int = 0  # 0: no text-encoder LoRA
     ema_gpu: bool = False
     adapted_layers: int = 0  # Linear layers carrying the adapter
+    train_size: tuple[int, int] | None = None  # the largest training image (w, h), e.g. a bucket; default square
 
     @property
     def tokens(self) -> int:
-        return (self.resolution // 16) ** 2 + 77 + self.t5_len
+        w, h = self.train_size or (self.resolution, self.resolution)
+        return (w // 16) * (h // 16) + 77 + self.t5_len
 
 
 def _weight_gib(params: int, precision: str, cal: dict[str, Any]) -> float:
@@ -165,7 +167,7 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
         stages["T5"] = _weight_gib(sizes.t5_params, f"t5_{plan.t5}", cal) + fp16_extra + t5_act + c["fixed"]
     elif plan.t5 == "stream":  # accelerate streams one Linear at a time: a measured constant plus activations
         stages["T5"] = c["t5_stream_base"] + t5_act + c["fixed"]
-    px = work.resolution**2 / 1024**2
+    px = (work.train_size[0] * work.train_size[1] if work.train_size else work.resolution**2) / 1024**2
     tile_px = min(px, 0.25) if plan.vae_tiling else px
     vae_w = _weight_gib(sizes.vae_params, "bf16", cal)
     stages["VAE encode"] = vae_w + c["vae_encode_per_mpx"] * tile_px + c["fixed"]
@@ -309,7 +311,8 @@ class Machine:
     ram_available_gib: float | None = None
 
 
-def workload(cfg: Any, sizes: ModelSizes, machine: Machine) -> Workload:
+def workload(cfg: Any, sizes: ModelSizes, machine: Machine, train_size: tuple[int, int] | None = None) -> Workload:
+    """The run's workload; ``train_size`` is its largest training image (the largest aspect-ratio bucket)."""
     n_targets = len(cfg.target_blocks) if cfg.target_blocks else sizes.n_blocks
     lora_params = n_targets * len(cfg.target_layers) * 2 * cfg.rank * sizes.hidden
     lora_params *= {"loha": 2.0, "lokr": 0.5}.get(cfg.adapter_type, 1.0)  # LoKr: rough, depends on the factor
@@ -320,7 +323,7 @@ def workload(cfg: Any, sizes: ModelSizes, machine: Machine) -> Workload:
         rank=cfg.rank,
         lora_params=int(lora_params),
         optimizer=cfg.optimizer_name,
-        validation=bool(cfg.validation_prompt),
+        validation=bool(cfg.validation_prompt or cfg.validation_prompt_file),
         class_images=cfg.class_images,
         bf16=machine.bf16,
         on_gpu=machine.gpu_available_gib is not None,
@@ -328,18 +331,23 @@ def workload(cfg: Any, sizes: ModelSizes, machine: Machine) -> Workload:
         text_encoder_rank=(cfg.text_encoder_rank or cfg.rank) if cfg.train_text_encoder else 0,
         ema_gpu=cfg.use_ema and cfg.ema_device == "gpu",
         adapted_layers=n_targets * len(cfg.target_layers),
+        train_size=train_size,
     )
 
 
 def plan_for_config(
-    cfg: Any, root: Path, machine: Machine | None, cal: dict[str, Any] | None = None
+    cfg: Any,
+    root: Path,
+    machine: Machine | None,
+    cal: dict[str, Any] | None = None,
+    train_size: tuple[int, int] | None = None,
 ) -> tuple[Plan, float]:
     """(plan, budget) for a run; on the CPU (machine None or without a GPU) only the user's fixed settings apply."""
     machine = machine or Machine()
     sizes = read_sizes(root, cfg.variant)
     fixed = fixed_settings(cfg, sizes.n_blocks)
     cal = cal or load_calibration()
-    work = workload(cfg, sizes, machine)
+    work = workload(cfg, sizes, machine, train_size)
     if machine.gpu_available_gib is None:  # the CPU: nothing compiles unless asked (its cost is never won back)
         plan = Plan(**{"t5": "bf16", "compiled": False, **fixed})
         return predict(plan, sizes, work, cal), 0.0

@@ -37,9 +37,14 @@ table.grid img{width:160px;height:auto;display:block}
 
 def generate_command(out: Path, settings: dict[str, Any]) -> str:
     """The ``sd3booth generate`` line for this run's LoRA, with its validation (else instance) prompt."""
-    prompt = settings.get("validation_prompt") or settings.get("instance_prompt") or "a photo of sks dog"
+    prompt = _first(settings.get("validation_prompt")) or settings.get("instance_prompt") or "a photo of sks dog"
     lora = Path(out) / "pytorch_lora_weights.safetensors"
     return f"sd3booth generate --lora {shlex.quote(str(lora))} --prompt {shlex.quote(prompt)}"
+
+
+def _first(value: Any) -> str | None:
+    """The first validation prompt (a list since --validation_prompt is repeatable; one string in older runs)."""
+    return (value[0] if value else None) if isinstance(value, list) else value
 
 
 def _e(value: Any) -> str:
@@ -116,7 +121,8 @@ def grid_html(run: RunFolder) -> str:
             cells.append(f'<td><a href="{_e(rel)}"><img alt="step {s} {_e(name)}" src="{thumbnail_uri(p)}"></a></td>'
                          if p else "<td></td>")  # fmt: skip
         rows.append(f"<tr><th>image {i + 1}<br><span class='sub'>seed {seed + i}</span></th>{''.join(cells)}</tr>")
-    prompt = run.settings.get("validation_prompt") or ""
+    given = run.settings.get("validation_prompt") or ""
+    prompt = " | ".join(given) if isinstance(given, list) else given  # several prompts: p0-, p1-... images
     note = f" ({len(run.validation)} validations, {len(steps)} shown)" if len(steps) < len(run.validation) else ""
     return (f'<p>Prompt: <code>{_e(prompt)}</code>{note}</p><div class="card"><table class="grid" id="grid">'
             f"{head}{''.join(rows)}</table></div>")  # fmt: skip

@@ -86,9 +86,37 @@ def per_sample_loss(
     return err.reshape(err.shape[0], -1).mean(dim=1)
 
 
-def dreambooth_loss(per_sample: torch.Tensor, n_instance: int, prior_loss_weight: float) -> torch.Tensor:
-    """Mean instance loss + prior_loss_weight * mean prior loss; the batch is instances then class images."""
+def masked_per_sample_loss(
+    pred: torch.Tensor,
+    tgt: torch.Tensor,
+    weighting: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str = "l2",
+    huber_c: float = 0.1,
+) -> torch.Tensor:
+    """The mean of w * loss(pred, target) over each sample's mask instead of over all pixels: shape (B,).
+
+    ``mask`` (B, 1, h, w) in [0, 1] weights each latent pixel (all channels alike); the sum is divided by the
+    mask's area (times the channels), so a sample's loss is the same size whatever the size of its subject,
+    and a mask of ones gives :func:`per_sample_loss`. A pixel of weight 0 gets no gradient; an all-zero mask
+    gives a loss of 0.
+    """
+    m = mask.float().expand_as(pred)
+    err = weighting.float() * elementwise_loss(pred, tgt, loss_type, huber_c) * m
+    b = err.shape[0]
+    return err.reshape(b, -1).sum(dim=1) / m.reshape(b, -1).sum(dim=1).clamp_min(1e-8)
+
+
+def dreambooth_loss(per_sample: torch.Tensor, n_instance: int, prior_loss_weight: float | torch.Tensor) -> torch.Tensor:
+    """Mean instance loss + prior_loss_weight * mean prior loss; the batch is instances then class images.
+
+    ``prior_loss_weight`` may hold one weight per class sample (concepts with their own weights): then the prior
+    term is the mean of weight x loss, which equals the single-weight form when the weights are equal.
+    """
     inst = per_sample[:n_instance].mean()
     if n_instance < per_sample.shape[0]:
-        return inst + prior_loss_weight * per_sample[n_instance:].mean()
+        prior = per_sample[n_instance:]
+        if isinstance(prior_loss_weight, torch.Tensor):
+            return inst + (prior_loss_weight.to(prior) * prior).mean()
+        return inst + prior_loss_weight * prior.mean()
     return inst

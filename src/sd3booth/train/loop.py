@@ -25,11 +25,12 @@ import torch
 from sd3booth.adapters import build, lora
 from sd3booth.adapters import text_encoder as clip_lora
 from sd3booth.cache import latents as cache_latents
+from sd3booth.cache import masks as cache_masks
 from sd3booth.cache import text as cache_text
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models import loaders, memory, placement, source, speed
-from sd3booth.prepare import Prepared, prepare
+from sd3booth.prepare import Prepared, prepare, train_size
 from sd3booth.report import REPORT_FILE, write_report_safely
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
 from sd3booth.train import artefacts, checkpoint, methods, resume
@@ -86,7 +87,7 @@ class Run:
     text: clip_lora.TextEncoders | None = None  # --train_text_encoder: CLIP-L and CLIP-G with their LoRA
     ema: EMA | None = None
     class_embedding: Any = None  # --prior_preservation_mode base_model: the cached class-prompt embedding
-    validation_cached: tuple[Any, Any] | None = None  # cached (prompt, negative) embeddings of validation
+    validation_cached: tuple[Any, Any] | None = None  # ([(prompt, cached embedding)], negative) of validation
 
     @property
     def main(self) -> bool:
@@ -110,7 +111,7 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     checkpoint.open_output(out)  # created, without the temporaries of a write killed last time
     info = placement.detect_device()
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
-    place = placement.place_run(cfg, src.root, info)
+    place = placement.place_run(cfg, src.root, info, train_size=train_size(cfg, src))  # the largest bucket
     accelerator = Accelerator(
         mixed_precision=place.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -147,26 +148,24 @@ def _caches(run: Run) -> None:
         run.record = RunRecord.begin(cfg, out, prep.instances, run.resume_path)
     text = cache_text.load_text_embeddings(prep.text_keys.values(), cfg.cache_path, run.place.weight_dtype)
     lat = cache_latents.load_latents(list(prep.latent_keys.values()), cfg.cache_path)
-    items = [i for i in range(len(prep.instances)) for _ in range(cfg.repeats)]
     seed = cfg.seed if cfg.seed is not None else 0
-    order = DataOrder(len(items), len(prep.classes), cfg.train_batch_size, run.accelerator.num_processes, seed)
-    if order.batches_per_epoch == 0:
-        raise UserError(
-            f"{len(items)} image(s) x repeats is fewer than one batch per process; lower --train_batch_size"
-        )
-    run.prep = prep
-    run.batches = BatchSource(
-        prep.instances, prep.classes if cfg.class_images else [], items, order, lat, prep.latent_keys,
-        text, prep.text_keys, cfg.resolution // 8, cfg.center_crop, cfg.random_flip, prep.shift_factor,
-        prep.scaling_factor, seed,
+    order = DataOrder([it.size for it in prep.items], cfg.train_batch_size, run.accelerator.num_processes, seed)
+    run.prep, masks = prep, cache_masks.load_masks(list(prep.mask_keys.values()), cfg.cache_path)
+    run.batches = BatchSource(  # every item is in a batch: scan_data refuses fewer images than one batch
+        prep.instances, prep.classes, prep.items, order, lat, prep.latent_keys, text, prep.text_keys,
+        cfg.center_crop, cfg.random_flip, prep.shift_factor, prep.scaling_factor, seed,
+        tuple(c.prior_loss_weight for c in prep.concepts), prep.negative_key, cfg.caption_dropout_rate, masks,
+        prep.mask_keys,
     )  # fmt: skip
     if cfg.base_model_prior:
         run.class_embedding = text[prep.text_keys[cfg.class_prompt or ""]]
-    if run.main and prep.validation_key:
-        run.validation_cached = (text[prep.validation_key], text[prep.negative_key])
+    if run.main and prep.validation_keys:
+        prompts = [text[k] for k in prep.validation_keys]
+        run.validation_cached = (list(zip(prep.validation_prompts, prompts)), text[prep.negative_key])
+        size = (cfg.width or cfg.resolution, cfg.height or cfg.resolution)
         run.validator = Validator(
-            prep.src, run.place, out, text[prep.validation_key], text[prep.negative_key], cfg.num_validation_images,
-            seed, cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale, cfg.attention_backend,
+            prep.src, run.place, out, prompts, text[prep.negative_key],
+            cfg.num_validation_images, seed, size, cfg.num_inference_steps, cfg.guidance_scale, cfg.attention_backend,
         )  # fmt: skip
 
 
@@ -182,8 +181,10 @@ def _model(run: Run) -> None:
         loaders.apply_fp8_storage(transformer, place)
         run.swapper = loaders.attach_memory_savers(transformer, place)
     if place.memory.compiled:  # the plan decided (on by default on CUDA with bf16 blocks, see plan/choose.py)
-        run.compiled = speed.CompiledBlocks(transformer.transformer_blocks)
-        run.say(f"compiling {len(run.compiled.blocks)} transformer blocks (the first steps include compilation)")
+        shapes = len(run.batches.order.shapes())  # (bucket, batch length) pairs: one compilation each, or dynamic
+        run.compiled = speed.CompiledBlocks(transformer.transformer_blocks, shapes=shapes)
+        mode = "dynamic" if run.compiled.dynamic else "static"
+        run.say(f"compiling {len(run.compiled.blocks)} blocks for {shapes} batch shape(s), {mode} shapes (first steps)")
     scheduler = loaders.load_scheduler(run.prep.src)
     run.sigmas = scheduler.sigmas.to(place.device)
     run.timesteps = scheduler.timesteps.to(place.device)
@@ -210,7 +211,9 @@ def _resume(run: Run) -> None:
     if not run.resume_path:
         return
     base_lrs = list(run.lr_scheduler.base_lrs)  # this run's rate, before the checkpoint's replaces it
-    start, state, trainer_state, _meta = checkpoint.load(run.resume_path)
+    start, state, trainer_state, meta = checkpoint.load(run.resume_path)
+    if meta.get("data_order", run.batches.order.fingerprint) != run.batches.order.fingerprint:
+        run.say("warning: the images or their buckets changed since this checkpoint; the data order differs from it")
     artefacts.restore(run, state, str(run.resume_path))
     run.optimizer.optimizer.load_state_dict(trainer_state["optimizer"])
     methods.restore_ema(run, trainer_state)
@@ -243,7 +246,9 @@ def setup(run: Run) -> None:
 def micro_step_loss(run: Run, m: int) -> torch.Tensor:
     """The loss of micro-batch m: its batch from the caches, then the flow-matching loss through the model."""
     cfg, place, dev = run.cfg, run.place, run.place.device
-    x0, prompt_embeds, pooled = (to_device(t, dev) for t in make_batch(run.batches, m, run.accelerator.process_index))
+    b = make_batch(run.batches, m, run.accelerator.process_index)
+    x0, prompt_embeds, pooled = (to_device(t, dev) for t in (b.x0, b.prompt_embeds, b.pooled))
+    mask = to_device(b.mask, dev) if b.mask is not None else None
     offload = torch.autograd.graph.save_on_cpu(pin_memory=dev.type == "cuda")
     prompt_embeds, pooled, base_prior = conditioning(run, m, x0.shape[0], prompt_embeds, pooled)
 
@@ -261,7 +266,9 @@ def micro_step_loss(run: Run, m: int) -> torch.Tensor:
         cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, bool(cfg.precondition_outputs),
         cfg.prior_loss_weight, cfg.loss_type, cfg.huber_c,
     )  # fmt: skip
-    return flow_matching_loss(model, x0, cfg.train_batch_size, run.sigmas, run.timesteps, flow, base_prior)
+    return flow_matching_loss(
+        model, x0, b.n_instance, run.sigmas, run.timesteps, flow, base_prior, mask, b.prior_weight
+    )
 
 
 def optimizer_step(run: Run, step: int) -> torch.Tensor:
@@ -311,8 +318,9 @@ def _checkpoint(run: Run, step: int) -> None:
     cfg = run.cfg
     checkpoint.save_training_state(
         run.out / "checkpoints", step, artefacts.raw_state(run), functools.partial(artefacts.export, run),
-        run.optimizer.optimizer, run.lr_scheduler, run.accelerator.scaler, {"settings": cfg.to_dict()},
-        cfg.checkpoints_total_limit, run.out, {"ema": run.ema.state_dict()} if run.ema else None,
+        run.optimizer.optimizer, run.lr_scheduler, run.accelerator.scaler,
+        {"settings": cfg.to_dict(), "data_order": run.batches.order.fingerprint}, cfg.checkpoints_total_limit,
+        run.out, {"ema": run.ema.state_dict()} if run.ema else None,
     )  # fmt: skip
     run.record.save(step)
 
@@ -338,13 +346,15 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
     bar = tqdm(total=run.max_steps, initial=start, desc="train", unit="step", disable=not run.main, dynamic_ncols=True)
     loss_sum, n, last_loss, step_times = torch.zeros((), device=run.place.device), 0, None, []
     t_log, step = time.perf_counter(), start
+    # every block variant is compiled by the end of step 1, every batch shape (bucket) within an epoch
+    compiled_by = (start + 1, start + math.ceil(run.batches.order.batches_per_epoch / cfg.gradient_accumulation_steps))
     with run.stages.stage("training"), speed.attention_context(run.place.device, cfg.attention_backend):
         while step < run.max_steps:
             loss_sum += optimizer_step(run, step)
             step, n = step + 1, n + 1
             bar.update(1)
             profiler.step(step - start)
-            if run.compiled and step == start + 1:  # every block variant is compiled by the end of step 1
+            if run.compiled and step in compiled_by:  # no compilation after these steps: free the workers
                 run.compiled.done_compiling()
             # a compiled run logs its first step alone: its time is mostly compilation
             if step % cfg.logging_steps == 0 or step == run.max_steps or (run.compiled and step == start + 1):

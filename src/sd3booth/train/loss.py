@@ -38,13 +38,17 @@ def flow_matching_loss(
     scheduler_timesteps: torch.Tensor,
     settings: FlowSettings,
     base_prior: Model | None = None,
+    mask: torch.Tensor | None = None,
+    prior_loss_weight: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draws timesteps (global CPU RNG) and noise (x0's device RNG), runs the model, returns the scalar loss.
 
-    The batch holds ``n_instance`` instance samples, then class samples weighted by ``prior_loss_weight``.
+    The batch holds ``n_instance`` instance samples, then class samples weighted by ``prior_loss_weight``
+    (default: the settings'; a tensor gives each class sample its own). ``mask`` (B, 1, h, w) weights the
+    loss per latent pixel, normalised by its area (``--masked_loss``).
     With ``base_prior`` (``--prior_preservation_mode base_model``) x0 holds instances only; ``model`` then runs
     on the noisy latents twice over (instance prompts, then the class prompt) and the class half's target is
-    ``base_prior``'s prediction on the same noisy latents (the base model, class prompt, no gradient).
+    ``base_prior``'s prediction on the same noisy latents (the base model, class prompt, no gradient; no mask).
     """
     s = settings
     n_timesteps = len(scheduler_timesteps)  # the training scheduler's num_train_timesteps
@@ -59,7 +63,12 @@ def flow_matching_loss(
             base = flow.prediction(base_prior(x_t, timesteps).float(), x_t, sigma, s.precondition_outputs)
         x_t, sigma, timesteps = torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([timesteps, timesteps])
         tgt = torch.cat([tgt, base])
+        mask = torch.cat([mask, torch.ones_like(mask)]) if mask is not None else None
     pred = flow.prediction(model(x_t, timesteps).float(), x_t, sigma, s.precondition_outputs)
     weighting = flow.loss_weighting(s.weighting_scheme, sigma)
-    per_sample = flow.per_sample_loss(pred, tgt, weighting, s.loss_type, s.huber_c)
-    return flow.dreambooth_loss(per_sample, n_instance, s.prior_loss_weight)
+    if mask is None:
+        per_sample = flow.per_sample_loss(pred, tgt, weighting, s.loss_type, s.huber_c)
+    else:
+        per_sample = flow.masked_per_sample_loss(pred, tgt, weighting, mask, s.loss_type, s.huber_c)
+    weight = s.prior_loss_weight if prior_loss_weight is None else prior_loss_weight
+    return flow.dreambooth_loss(per_sample, n_instance, weight)

@@ -66,8 +66,8 @@ def validate(run: Any, step: int) -> None:
         return
     with run.stages.stage(f"validation step {step}"), export_view(run.optimizer.optimizer, run.ema, run.params):
         if run.text is not None and run.validation_cached:
-            prompt, negative = run.validation_cached
-            run.validator.prompt = run.text.embedding(run.cfg.validation_prompt or "", prompt)
+            prompts, negative = run.validation_cached
+            run.validator.prompts = [run.text.embedding(text, cached) for text, cached in prompts]
             run.validator.negative = run.text.embedding("", negative)
         images = run.validator(run.accelerator.unwrap_model(run.transformer), step, run.compiled)
     tb = next((t.writer for t in getattr(run.accelerator, "trackers", []) if t.name == "tensorboard"), None)

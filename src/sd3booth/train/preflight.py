@@ -58,13 +58,15 @@ def check(cfg: TrainConfig, src: ModelSource) -> Path | None:
         check_writable(Path(cfg.class_data_dir), "--class_data_dir")
     check_packages(cfg)
     check_resolution(src, cfg.resolution)
+    if cfg.max_bucket_reso:  # the longest bucket side must fit the model too (the default is capped to it)
+        check_resolution(src, cfg.max_bucket_reso, "--max_bucket_reso")
     if not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir and checkpoint.checkpoints(out / "checkpoints"):
         raise UserError(
             f"--output_dir {out} holds another run's checkpoints; continue it with --resume_from_checkpoint latest, "
             "replace it with --overwrite_output_dir (the cache is kept), or choose another folder"
         )
     examples = None
-    if cfg.resume_from_checkpoint and Path(cfg.data_dir or "").is_dir():
+    if cfg.resume_from_checkpoint and (cfg.dataset_config or Path(cfg.data_dir or "").is_dir()):
         from sd3booth.prepare import scan_data
 
         examples = scan_data(cfg, log=lambda m: None)

@@ -48,6 +48,13 @@ DEFINES_RUN: tuple[str, ...] = (
     "class_prompt",
     "num_class_images",
     "prior_loss_weight",
+    "enable_bucket",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+    "masked_loss",
+    "alpha_mask",
+    "caption_dropout_rate",
     # the objective
     "weighting_scheme",
     "logit_mean",
@@ -106,6 +113,9 @@ MAY_CHANGE: tuple[str, ...] = (
     "num_inference_steps",
     "guidance_scale",
     "sample_batch_size",
+    "validation_prompt_file",
+    "width",
+    "height",
     # checkpoints and logging
     "checkpointing_steps",
     "checkpoints_total_limit",
@@ -144,6 +154,8 @@ NOT_COMPARED: dict[str, str] = {
     "instance_prompt": "the captions are compared by content",
     "use_8bit_adam": "compared as --optimizer",
     "use_dora": "compared as --lora_type",
+    "mask_dir": "a location (each mask's content keys its cache entry)",
+    "dataset_config": "its folders' images and captions are compared by content, its layout by the data order",
 }
 
 

@@ -11,7 +11,7 @@ from sd3booth.adapters import lora
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models import source
-from sd3booth.prepare import scan_data
+from sd3booth.prepare import new_run, scan_data, validation_prompts
 from sd3booth.train import checkpoint, preflight
 from sd3booth.train.settings import SETTINGS_FILE
 
@@ -28,6 +28,7 @@ def _writable_folder(path: Path, flag: str) -> None:
 def verify(cfg: TrainConfig) -> None:
     """Raises UserError for any mistake found before models load; runs before anything is created or changed,
     so a mistake costs seconds and no saved file."""
+    new_run()
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
     if cfg.instance_data_dir and not Path(cfg.instance_data_dir).is_dir():
         raise UserError(f"--instance_data_dir {cfg.instance_data_dir} is not a folder; pass the folder of your photos")
@@ -49,8 +50,9 @@ def verify(cfg: TrainConfig) -> None:
         )
     if cfg.resume_from_checkpoint:
         checkpoint.find(out / "checkpoints", cfg.resume_from_checkpoint)
-    if Path(cfg.data_dir or "").is_dir():
+    if cfg.dataset_config or Path(cfg.data_dir or "").is_dir():
         scan_data(cfg, log=lambda m: None)  # data errors now, not after the text encoders ran
+    validation_prompts(cfg)
     # LoRA targets against the architecture, built on the meta device (no memory, no weights)
     from diffusers import SD3Transformer2DModel
 
