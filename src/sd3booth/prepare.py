@@ -154,7 +154,7 @@ def prepare(
     stage: Callable[[str], AbstractContextManager] = lambda name: nullcontext(),
 ) -> Prepared:
     """Runs every caching stage that is not already cached; returns the index for the trainer."""
-    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
     instances = scan_data(cfg, log)
     classes: list[dataset.Example] = []
     captions = [ex.caption for ex in instances] + [NEGATIVE_PROMPT]
@@ -196,7 +196,7 @@ def prepare_command(cfg: TrainConfig, log: Callable[[str], None] = print) -> Pre
     from sd3booth.tracking import Stages
 
     source.quiet_libraries()
-    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
     place = placement.place_run(cfg, src.root, placement.detect_device())  # the same decision as `train`
     stages = Stages(place.device)
     prep = prepare(cfg, place, log, stages.stage)

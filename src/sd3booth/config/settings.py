@@ -49,7 +49,8 @@ class TrainConfig:
     # model
     pretrained_model_name_or_path: str | None = _f(
         None,
-        "Base model: a local diffusers SD3 folder or a Hugging Face hub id (SD3 Medium, SD3.5 Medium/Large).",
+        "Base model: a local diffusers SD3 folder, a Hugging Face hub id, or a single .safetensors file (SD3 Medium, "
+        "SD3.5 Medium/Large; with or without bundled encoders, see --clip_l/--clip_g/--t5xxl).",
         group="model",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.", group="model")
@@ -64,6 +65,32 @@ class TrainConfig:
     )
     max_sequence_length: int = _f(
         77, "T5 tokens per caption (the reference trains with 77; the pipeline uses 256).", group="model"
+    )
+    clip_l: str | None = _f(
+        None,
+        "CLIP-L encoder file (e.g. ComfyUI's clip_l.safetensors) for a single-file model that does not bundle it.",
+        group="model",
+    )
+    clip_g: str | None = _f(
+        None, "CLIP-G encoder file (clip_g.safetensors) for a single-file model that does not bundle it.", group="model"
+    )
+    t5xxl: str | None = _f(
+        None,
+        "T5-XXL encoder file (t5xxl_fp16.safetensors, or fp8 e4m3 such as t5xxl_fp8_e4m3fn.safetensors, widened "
+        "to bf16) for a single-file model that does not bundle it.",
+        group="model",
+    )
+    single_file_config: str | None = _f(
+        None,
+        "For a single-file model: the diffusers SD3 folder or hub id whose configs and tokenizers it uses (weights "
+        "not needed; default: Stability's repo of the detected model, from the HF cache or the hub).",
+        group="model",
+    )
+    init_lora: str | None = _f(
+        None,
+        "Start from this LoRA (diffusers, kohya or ComfyUI format, detected) and train on; its layers are the "
+        "targets unless --lora_layers is given, and it is fitted to --rank (SVD when smaller).",
+        group="model",
     )
     # memory
     max_vram: float | None = _f(
@@ -260,6 +287,16 @@ class TrainConfig:
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+
+    @property
+    def model_files(self) -> dict[str, str | None]:
+        """The single-file flags, as keyword arguments of ``models.source.resolve_model``."""
+        return {
+            "clip_l": self.clip_l,
+            "clip_g": self.clip_g,
+            "t5xxl": self.t5xxl,
+            "single_file_config": self.single_file_config,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

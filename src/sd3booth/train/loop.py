@@ -96,7 +96,7 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = placement.detect_device()
-    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
     place = placement.place_run(cfg, src.root, info)
     accelerator = Accelerator(
         mixed_precision=place.mixed_precision,

@@ -28,7 +28,12 @@ def _writable_folder(path: Path, flag: str) -> None:
 def verify(cfg: TrainConfig) -> None:
     """Raises UserError for any mistake found before models load; runs before anything is created or changed,
     so a mistake costs seconds and no saved file."""
-    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
+    if not (src.root / "text_encoder_3").is_dir() and cfg.t5_precision != "none":
+        raise UserError(
+            f"{cfg.pretrained_model_name_or_path} has no T5-XXL encoder: pass --t5xxl FILE (fp16, bf16 or fp8 e4m3, "
+            "e.g. t5xxl_fp8_e4m3fn.safetensors) or --t5_precision none"
+        )
     if cfg.instance_data_dir and not Path(cfg.instance_data_dir).is_dir():
         raise UserError(f"--instance_data_dir {cfg.instance_data_dir} is not a folder; pass the folder of your photos")
     out = Path(cfg.output_dir)
