@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sd3booth import lora_cli
 from sd3booth.config import FIELDS, add_train_arguments, build_config, closest
 from sd3booth.errors import UserError
 
@@ -108,6 +109,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         choices=["adamw", "adamw8bit", "prodigy"],
         help="budgets: the optimizer of the train runs (the stock recipe's, unless told). [default: adamw8bit]",
     )
+    subs["lora"] = lora_cli.add_parser(sub)
     p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
     p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
     return root, subs
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_random_model(ns)
         if command == "bench":
             return _cmd_bench(ns)
+        if command == "lora":
+            return lora_cli.run(ns, subs["lora"])
         return _cmd_demo(ns)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,8 +7,6 @@ file mean what it says when alpha != rank (loaders assume alpha = rank, sd3-fact
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -88,14 +86,24 @@ def export_state_dict(transformer: torch.nn.Module, rank: int, alpha: int) -> di
     return out
 
 
-def save_lora(transformer: torch.nn.Module, out_dir: Path, rank: int, alpha: int) -> Path:
-    """Writes ``pytorch_lora_weights.safetensors`` (keys ``transformer.…lora_A/B.weight``) via diffusers."""
-    from diffusers import StableDiffusion3Pipeline
+def save_lora(
+    transformer: torch.nn.Module,
+    out_dir: Path,
+    rank: int,
+    alpha: int,
+    fmt: str = "diffusers",
+    dtype: torch.dtype = torch.float32,
+    metadata: dict[str, str] | None = None,
+    name: str = LORA_FILE,
+) -> Path:
+    """Writes the adapter as ``out_dir/name`` in ``fmt`` (adapters.formats; diffusers: keys
+    ``transformer.…lora_A/B.weight``, written by diffusers), alpha folded in, in ``dtype``."""
+    from sd3booth.adapters.formats import write_lora
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".lora-") as tmp:  # written whole, then renamed
-        StableDiffusion3Pipeline.save_lora_weights(
-            tmp, transformer_lora_layers=export_state_dict(transformer, rank, alpha), weight_name=LORA_FILE
-        )
-        os.replace(Path(tmp) / LORA_FILE, out_dir / LORA_FILE)
-    return out_dir / LORA_FILE
+    modules = {}
+    state = export_state_dict(transformer, rank, alpha)
+    for key, a in state.items():
+        if ".lora_A." in key:
+            module = key.split(".lora_A.")[0]
+            modules[f"transformer.{module}"] = (a, state[key.replace(".lora_A.", ".lora_B.")])
+    return write_lora(modules, Path(out_dir) / name, fmt, dtype, metadata)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sd3booth.fileio import as_if_created
+
 
 def content_key(**parts: Any) -> str:
     """sha256 of the parts (sorted, JSON-encoded): same parts, same key, across runs and machines."""
@@ -42,6 +44,7 @@ class TensorStore:
         os.close(fd)
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+            as_if_created(tmp)  # mkstemp makes 0600; the cache is shared
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

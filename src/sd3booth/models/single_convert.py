@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from sd3booth.errors import UserError
+from sd3booth.fileio import as_if_created
 from sd3booth.models.single_file import ENCODER_FOLDERS, ModelFiles, SafetensorsFile, TransformerShape
 
 CONVERSION_VERSION = "1"  # bump when the written folder changes meaning
@@ -195,7 +196,7 @@ def materialise(files: ModelFiles, config_dir: Path, log: Callable[[str], None] 
         sources = {p: str(f.path.resolve()) for p, (f, _) in files.parts.items()}
         record = {"sources": sources, "identities": parts, "config": str(config_dir)}
         (tmp / "sd3booth_source.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
-        os.chmod(tmp, 0o777 & ~_umask())
+        as_if_created(tmp)
         if (final / "model_index.json").is_file():  # another process finished the same conversion first
             shutil.rmtree(tmp)
         else:
@@ -204,9 +205,3 @@ def materialise(files: ModelFiles, config_dir: Path, log: Callable[[str], None] 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sd3booth.errors import UserError
+from sd3booth.fileio import as_if_created
 
 PREFIX = "checkpoint-"
 
@@ -51,6 +52,7 @@ def save(
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=2), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
+        as_if_created(tmp)  # mkdtemp makes 0700
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
