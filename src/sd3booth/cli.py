@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sd3booth import lora_cli
-from sd3booth.config import FIELDS, add_train_arguments, build_config, closest
+from sd3booth.config import FIELDS, add_train_arguments, build_config, closest, compat_notes
 from sd3booth.errors import UserError
 
 
@@ -117,6 +117,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
     cfg = build_config(vars(ns))
+    for note in compat_notes(cfg):  # flags of the diffusers script that change nothing here
+        print(note, file=sys.stderr)
     if prepare_only:
         from sd3booth.prepare import prepare_command
 

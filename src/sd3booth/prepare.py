@@ -84,11 +84,12 @@ def _materialize_hub_dataset(cfg: TrainConfig, log: Callable[[str], None]) -> Pa
             "pip install datasets, or pass a local folder"
         ) from None
     name = cfg.dataset_name or ""
-    out = cfg.cache_path / "datasets" / hashlib.sha256(f"{name}@{cfg.revision}".encode()).hexdigest()[:16]
+    tag = f"{name}@{cfg.revision}" + (f"/{cfg.dataset_config_name}" if cfg.dataset_config_name else "")
+    out = cfg.cache_path / "datasets" / hashlib.sha256(tag.encode()).hexdigest()[:16]
     if (out / dataset.METADATA_FILE).is_file():
         return out
     try:
-        ds = load_dataset(name, split="train")
+        ds = load_dataset(name, cfg.dataset_config_name, split="train")
     except Exception as e:  # noqa: BLE001 - any loading failure means the same to the user
         raise UserError(f"could not load dataset {name} ({type(e).__name__}); check the id and network") from None
     image_col = cfg.image_column or "image"

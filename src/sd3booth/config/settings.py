@@ -20,6 +20,8 @@ ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 T5_PRECISIONS = ("auto", "bf16", "int8", "nf4", "stream", "cpu", "none")
 BASE_PRECISIONS = ("auto", "bf16", "fp8", "nf4")
 REPORTERS = ("tensorboard", "wandb", "none")
+LORA_FORMATS = ("diffusers", "kohya", "comfyui")
+SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 # Attention projections of every joint block: the diffusers reference's default LoRA targets.
 DEFAULT_LORA_LAYERS = (
     "attn.add_k_proj",
@@ -257,6 +259,53 @@ class TrainConfig:
     logging_dir: str = _f("logs", "TensorBoard folder, relative to OUTPUT_DIR.", group="output")
     logging_steps: int = _f(
         10, "Log loss, lr, s/step and peak memory every N steps (each log waits for the GPU).", group="output"
+    )
+    lora_format: str = _f(
+        "diffusers",
+        "Layout of the LoRA file: diffusers (pytorch_lora_weights.safetensors; diffusers and ComfyUI read it), kohya "
+        "(sd-scripts networks/lora_sd3.py; also lora_kohya.safetensors) or comfyui (ComfyUI's own names; also "
+        "lora_comfyui.safetensors). The diffusers file is always written.",
+        choices=LORA_FORMATS,
+        group="output",
+    )
+    save_precision: str = _f(
+        "bf16", "Tensor type of the saved LoRA file (checkpoints keep fp32 for exact resume).", choices=SAVE_PRECISIONS,
+        group="output",
+    )  # fmt: skip
+    push_to_hub: bool = _f(
+        False, "Upload the output folder (LoRA, model card, validation images) to the Hugging Face hub.", group="output"
+    )
+    hub_model_id: str | None = _f(
+        None, "Hub repository for --push_to_hub (default: the output folder's name under your account).", group="output"
+    )
+    hub_token: str | None = _f(
+        None, "Hub token for --push_to_hub (default: the stored login); never written to settings.json.", group="output"
+    )
+
+    # diffusers-script compatibility: flags of train_dreambooth_lora_sd3.py that this tool does not need
+    dataset_config_name: str | None = _f(
+        None, "Config of the --dataset_name hub dataset, if it has several.", group="compat"
+    )
+    upcast_before_saving: bool = _f(False, "Save the LoRA in fp32 (the same as --save_precision fp32).", group="compat")
+    cache_latents: bool = _f(False, "Accepted for the diffusers script; latents are always cached.", group="compat")
+    dataloader_num_workers: int = _f(
+        0, "Accepted for the diffusers script; batches come from in-memory caches, no loader workers.", group="compat"
+    )
+    local_rank: int = _f(-1, "Accepted for the diffusers script; accelerate launch sets each process's rank.",
+                         group="compat")  # fmt: skip
+    prior_generation_precision: str | None = _f(
+        None, "Accepted for the diffusers script; class images are generated in the run's precision.",
+        choices=("no", "fp32", "fp16", "bf16"), group="compat",
+    )  # fmt: skip
+    train_text_encoder: bool = _f(
+        False, "Accepted for the diffusers script, not supported: prompts are encoded once and cached, so only the "
+        "transformer LoRA is trained.", group="compat",
+    )  # fmt: skip
+    text_encoder_lr: float = _f(
+        5e-6, "Accepted for the diffusers script; goes with --train_text_encoder.", group="compat"
+    )
+    adam_weight_decay_text_encoder: float = _f(
+        1e-3, "Accepted for the diffusers script; goes with --train_text_encoder.", group="compat"
     )
 
     # ---- derived views -------------------------------------------------------------------------------

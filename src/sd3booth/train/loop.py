@@ -29,7 +29,7 @@ from sd3booth.errors import UserError
 from sd3booth.models import loaders, placement, source, speed
 from sd3booth.prepare import Prepared, prepare
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
-from sd3booth.train import checkpoint
+from sd3booth.train import artefacts, checkpoint
 from sd3booth.train.batch import BatchSource, make_batch, to_device
 from sd3booth.train.loss import FlowSettings, flow_matching_loss
 from sd3booth.train.optim import make_lr_scheduler, make_optimizer
@@ -364,11 +364,15 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
     lora_path = None
     if run.main:
         net = run.accelerator.unwrap_model(run.transformer)
-        lora_path = lora.save_lora(net, run.out, run.cfg.rank, run.cfg.alpha)
+        lora_path = artefacts.save_lora_files(run.cfg, net, run.out, run.prep.src.root, step)
         folders = run.validator.folders if run.validator else []
         if run.start < run.max_steps or not any(d.name == f"step-{step}" for d in folders):
             _validate(run, step)
         run.stages.save(run.out / "stages.json")
+        artefacts.write_model_card(run.cfg, run.out, run.prep.src.root, folders, step)
+        if run.cfg.push_to_hub:
+            hub_id = run.cfg.hub_model_id or run.out.resolve().name
+            artefacts.push_to_hub(run.out, hub_id, run.cfg.hub_token, run.say)
     run.accelerator.end_training()
     median = sorted(step_times)[len(step_times) // 2] if step_times else None
     folders = run.validator.folders if run.validator else []

@@ -13,6 +13,7 @@ from sd3booth.errors import UserError
 from sd3booth.models import source
 from sd3booth.prepare import scan_data
 from sd3booth.train import checkpoint
+from sd3booth.train.artefacts import offline_message
 from sd3booth.train.settings import SETTINGS_FILE
 
 
@@ -54,6 +55,11 @@ def verify(cfg: TrainConfig) -> None:
         )
     if cfg.resume_from_checkpoint:
         checkpoint.find(out / "checkpoints", cfg.resume_from_checkpoint)
+    if cfg.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:  # fail now, not after training (the upload itself is in train.artefacts)
+            raise UserError(offline_message(out))
     if Path(cfg.data_dir or "").is_dir():
         scan_data(cfg, log=lambda m: None)  # data errors now, not after the text encoders ran
     # LoRA targets against the architecture, built on the meta device (no memory, no weights)
