@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-from sd3booth import lora_cli
+from sd3booth import generate_cli, lora_cli
 from sd3booth.config import FIELDS, add_train_arguments, build_config, closest, compat_notes
 from sd3booth.errors import UserError
 
@@ -48,29 +46,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     add_train_arguments(p)
     p = subs["prepare"] = sub.add_parser("prepare", help="Only the caching stages (embeddings, class images, latents).")
     add_train_arguments(p)
-    p = subs["generate"] = sub.add_parser("generate", help="PNGs from the base model plus one LoRA.")
-    p.add_argument("--lora", required=True, help="A pytorch_lora_weights.safetensors file.")
-    p.add_argument("--prompt", required=True, help="What to draw.")
-    p.add_argument(
-        "--pretrained_model_name_or_path", help="Base model (default: the one in settings.json beside the LoRA)."
-    )
-    p.add_argument("--num_images", type=int, default=4, help="Images to write. [default: 4]")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i. [default: 0]")
-    p.add_argument("--num_inference_steps", type=int, default=28, help="Sampling steps. [default: 28]")
-    p.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance. [default: 7.0]")
-    p.add_argument("--resolution", type=int, help="Image size (default: the training resolution, else 1024).")
-    p.add_argument(
-        "--max_sequence_length",
-        type=int,
-        help="T5 tokens of the prompt (default: the training run's, else 256).",
-    )
-    p.add_argument(
-        "--t5_precision",
-        choices=["auto", "bf16", "int8", "nf4", "stream", "cpu", "none"],
-        help="How T5 runs while the prompt is encoded (default: the training run's, else auto = the planner's).",
-    )
-    p.add_argument("--output_dir", default="generated", help="Where the PNGs go. [default: generated]")
-    p.add_argument("--cache_dir", help="Text-embedding cache (default: OUTPUT_DIR/cache).")
+    subs["generate"] = generate_cli.add_parser(sub)
     p = subs["random-model"] = sub.add_parser(
         "random-model", help="Write a random-weight SD3 pipeline (tests, benchmarks)."
     )
@@ -129,50 +105,6 @@ def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
     result = loop.train(cfg)
     if result.lora_path is not None:  # None on the non-main processes of a multi-GPU run
         print(f"LoRA: {result.lora_path}")
-    return 0
-
-
-def _cmd_generate(ns: argparse.Namespace) -> int:
-    from sd3booth.config import TrainConfig
-    from sd3booth.models import placement, source
-    from sd3booth.sample import generate_with_lora
-
-    lora_path = Path(ns.lora)
-    settings: dict[str, Any] = {}
-    settings_file = lora_path.parent / "settings.json"
-    if settings_file.is_file():
-        settings = json.loads(settings_file.read_text(encoding="utf-8")).get("settings", {})
-    model = ns.pretrained_model_name_or_path or settings.get("pretrained_model_name_or_path")
-    if not model:
-        raise UserError("generate: no base model; pass --pretrained_model_name_or_path")
-    out = Path(ns.output_dir)
-    resolution = ns.resolution or settings.get("resolution") or 1024
-    # the placement the training run got (its settings, else a default run's), so both share text-cache entries
-    run = TrainConfig(
-        pretrained_model_name_or_path=model,
-        resolution=resolution,
-        t5_precision=ns.t5_precision or settings.get("t5_precision") or "auto",
-        max_sequence_length=ns.max_sequence_length or settings.get("max_sequence_length") or 256,
-        mixed_precision=settings.get("mixed_precision"),
-    )
-    src = source.resolve_model(model)
-    place = placement.place_run(run, src.root, placement.detect_device())
-    paths = generate_with_lora(
-        model,
-        lora_path,
-        ns.prompt,
-        out,
-        ns.num_images,
-        ns.seed,
-        ns.num_inference_steps,
-        ns.guidance_scale,
-        resolution,
-        run.max_sequence_length,
-        place,
-        Path(ns.cache_dir) if ns.cache_dir else out / "cache",
-    )
-    for p in paths:
-        print(p)
     return 0
 
 
@@ -236,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if command in ("train", "prepare"):
             return _cmd_train(ns, prepare_only=command == "prepare")
         if command == "generate":
-            return _cmd_generate(ns)
+            return generate_cli.run(ns)
         if command == "random-model":
             return _cmd_random_model(ns)
         if command == "bench":

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sd3booth.adapters import lora
+from sd3booth.adapters import init_lora, lora
 from sd3booth.cache import latents as cache_latents
 from sd3booth.cache import text as cache_text
 from sd3booth.config import TrainConfig
@@ -156,8 +156,12 @@ def _model(run: Run) -> None:
     torch.manual_seed(run.batches.seed)
     with run.stages.stage("load transformer"):
         transformer = loaders.load_transformer(run.prep.src, place)
-        targets = lora.resolve_targets(transformer, cfg.target_layers, cfg.target_blocks)
+        init = init_lora.read_init(cfg.init_lora) if cfg.init_lora else None
+        layers = sorted(init) if init is not None and not cfg.lora_layers else cfg.target_layers  # the file's layers
+        targets = lora.resolve_targets(transformer, layers, cfg.target_blocks)
         run.params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.lora_dropout, targets)
+        if init is not None:  # a resumed run overwrites these with the checkpoint's weights
+            run.say(init_lora.apply_init(transformer, init, cfg.rank, cfg.alpha, run.batches.seed))
         loaders.apply_fp8_storage(transformer, place)
         run.swapper = loaders.attach_memory_savers(transformer, place)
     if place.memory.compiled:  # the plan decided (on by default on CUDA with bf16 blocks, see plan/choose.py)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from sd3booth.adapters import lora
+from sd3booth.adapters import init_lora, lora
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models import source
@@ -67,4 +67,13 @@ def verify(cfg: TrainConfig) -> None:
 
     with torch.device("meta"):
         skeleton = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(src.root / "transformer"))
+    if cfg.init_lora:
+        if cfg.lora_blocks and not cfg.lora_layers:
+            raise UserError(
+                "--lora_blocks with --init_lora needs --lora_layers too (the file's layers are named in full)"
+            )
+        modules = init_lora.read_init(cfg.init_lora)
+        init_lora.check_fits(skeleton, modules, cfg.target_layers if cfg.lora_layers else None, cfg.init_lora)
+        if not cfg.lora_layers:
+            return
     lora.resolve_targets(skeleton, cfg.target_layers, cfg.target_blocks)

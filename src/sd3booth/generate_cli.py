@@ -1,0 +1,119 @@
+"""``sd3booth generate``: images from the base model plus any number of LoRAs (any of the three layouts)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from sd3booth.errors import UserError
+from sd3booth.lora_cli import parse_weighted
+
+T5_CHOICES = ["auto", "bf16", "int8", "nf4", "stream", "cpu", "none"]
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="PNGs from the base model plus LoRAs.")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="A LoRA file (diffusers, kohya or ComfyUI layout) and its weight (default 1.0); repeat to mix several.",
+    )
+    p.add_argument("--prompt", required=True, help="What to draw.")
+    p.add_argument("--negative_prompt", default="", help="What to steer away from. [default: none]")
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        help="Base model: folder, hub id or single file (default: the training run's, from settings.json beside "
+        "the first LoRA or its metadata).",
+    )
+    for name in ("clip_l", "clip_g", "t5xxl", "single_file_config"):
+        p.add_argument(f"--{name}", help=f"As for train, for a single-file base model (default: the run's --{name}).")
+    p.add_argument("--num_images", type=int, default=4, help="Images to write. [default: 4]")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i. [default: 0]")
+    p.add_argument("--num_inference_steps", type=int, default=28, help="Sampling steps. [default: 28]")
+    p.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance. [default: 7.0]")
+    p.add_argument("--width", type=int, help="Image width, a multiple of 16 (default: --resolution).")
+    p.add_argument("--height", type=int, help="Image height, a multiple of 16 (default: --resolution).")
+    p.add_argument("--resolution", type=int, help="Square size when --width/--height are not given (default: the "
+                   "training resolution, else 1024).")  # fmt: skip
+    p.add_argument(
+        "--max_sequence_length", type=int, help="T5 tokens of the prompt (default: the training run's, else 256)."
+    )
+    p.add_argument(
+        "--t5_precision",
+        choices=T5_CHOICES,
+        help="How T5 runs while the prompt is encoded (default: the training run's, else auto = the planner's).",
+    )
+    p.add_argument("--output_dir", default="generated", help="Where the PNGs go. [default: generated]")
+    p.add_argument("--cache_dir", help="Text-embedding cache (default: OUTPUT_DIR/cache).")
+    return p
+
+
+def _run_settings(loras: list[Any]) -> dict[str, Any]:
+    """The training run's settings: settings.json beside the first LoRA, else the base model in its metadata."""
+    if not loras:
+        return {}
+    first = loras[0][0]
+    beside = first.path.parent / "settings.json"
+    if beside.is_file():
+        try:
+            return json.loads(beside.read_text(encoding="utf-8")).get("settings", {})
+        except json.JSONDecodeError:
+            raise UserError(f"{beside} is not valid JSON; pass --pretrained_model_name_or_path") from None
+    base = first.metadata.get("sd3booth.base_model")
+    return {"pretrained_model_name_or_path": base} if base else {}
+
+
+def _check(ns: argparse.Namespace, width: int, height: int, max_len: int) -> None:
+    for flag, v in (("--width", width), ("--height", height)):
+        if v < 16 or v % 16:
+            raise UserError(f"{flag} {v} must be a positive multiple of 16 (VAE factor 8 x patch size 2)")
+    for flag, v in (("--num_images", ns.num_images), ("--num_inference_steps", ns.num_inference_steps)):
+        if v < 1:
+            raise UserError(f"{flag} must be at least 1, got {v}")
+    if not 1 <= max_len <= 512:
+        raise UserError(f"--max_sequence_length must be between 1 and 512, got {max_len}")
+    if ns.guidance_scale < 0:
+        raise UserError(f"--guidance_scale must not be negative, got {ns.guidance_scale}")
+
+
+def run(ns: argparse.Namespace) -> int:
+    from sd3booth.adapters import formats
+    from sd3booth.config import TrainConfig
+    from sd3booth.models import placement, source
+    from sd3booth.sample import generate_with_lora
+
+    source.quiet_libraries()
+    loras = [(formats.read_lora(p, "--lora"), w) for p, w in (parse_weighted(s, "--lora") for s in ns.lora)]
+    settings = _run_settings(loras)
+    model = ns.pretrained_model_name_or_path or settings.get("pretrained_model_name_or_path")
+    if not model:
+        raise UserError("generate: no base model; pass --pretrained_model_name_or_path")
+    resolution = ns.resolution or settings.get("resolution") or 1024
+    width, height = ns.width or resolution, ns.height or resolution
+    max_len = ns.max_sequence_length or settings.get("max_sequence_length") or 256
+    _check(ns, width, height, max_len)
+    files = {k: getattr(ns, k) or settings.get(k) for k in ("clip_l", "clip_g", "t5xxl", "single_file_config")}
+    # the placement the training run got (its settings, else a default run's), so both share text-cache entries
+    run_cfg = TrainConfig(
+        pretrained_model_name_or_path=model,
+        resolution=max(width, height),
+        t5_precision=ns.t5_precision or settings.get("t5_precision") or "auto",
+        max_sequence_length=max_len,
+        mixed_precision=settings.get("mixed_precision"),
+    )
+    src = source.resolve_model(model, **files)
+    if not (src.root / "text_encoder_3").is_dir() and run_cfg.t5_precision != "none":
+        raise UserError(f"{model} has no T5-XXL encoder: pass --t5xxl FILE or --t5_precision none")
+    place = placement.place_run(run_cfg, src.root, placement.detect_device())
+    out = Path(ns.output_dir)
+    paths = generate_with_lora(
+        src, loras, ns.prompt, ns.negative_prompt, out, ns.num_images, ns.seed, ns.num_inference_steps,
+        ns.guidance_scale, (height, width), max_len, place, Path(ns.cache_dir) if ns.cache_dir else out / "cache",
+    )  # fmt: skip
+    for p in paths:
+        print(p)
+    return 0
