@@ -34,7 +34,7 @@ from sd3booth.train.batch import BatchSource, make_batch, to_device
 from sd3booth.train.loss import FlowSettings, flow_matching_loss
 from sd3booth.train.optim import make_lr_scheduler, make_optimizer
 from sd3booth.train.order import DataOrder
-from sd3booth.train.settings import write_settings
+from sd3booth.train.settings import portable_settings, write_settings
 from sd3booth.train.validate import Validator
 from sd3booth.train.verify import verify
 
@@ -221,7 +221,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run:
     _optimization(run)
     _resume(run)
     if run.main:
-        run.accelerator.init_trackers("sd3booth", config=tracker_config(cfg.to_dict()))
+        run.accelerator.init_trackers("sd3booth", config=tracker_config(portable_settings(cfg)))
     return run
 
 
@@ -306,7 +306,7 @@ def _checkpoint(run: Run, step: int) -> None:
     cfg = run.cfg
     checkpoint.save_training_state(
         run.out / "checkpoints", step, run.accelerator.unwrap_model(run.transformer), run.optimizer.optimizer,
-        run.lr_scheduler, run.accelerator.scaler, cfg.rank, cfg.alpha, {"settings": cfg.to_dict()},
+        run.lr_scheduler, run.accelerator.scaler, cfg.rank, cfg.alpha, {"settings": portable_settings(cfg)},
         cfg.checkpoints_total_limit, run.out,
     )  # fmt: skip
 
