@@ -183,7 +183,7 @@ LAYERS = [
     {"prepare"},
     {"train"},
     {"random_model", "demo", "single_file_writer"},
-    {"bench", "bench_speed"},
+    {"bench"},
     {"cli", "__main__", "lora_cli", "generate_cli"},
 ]
 

@@ -150,3 +150,24 @@ def test_one_packed_copy_per_block_with_aligned_views(tiny_model):
         if n in before:
             assert p.untyped_storage().nbytes() == p.numel() * p.element_size()  # its own storage again
             torch.testing.assert_close(p, before[n], rtol=0, atol=0)
+
+
+def test_copies_land_in_a_fixed_ring_of_buffers(tiny_model):
+    """No allocation per fetch (issue #10's fragmentation): every swapped weight, while its block runs, is a view
+    of one of two buffers allocated once, for the whole run."""
+    net = _model(tiny_model, layers=4)
+    net.enable_gradient_checkpointing()
+    swapper = BlockSwapper(net.transformer_blocks, range(4), "cpu")
+    pointers = set()
+
+    def where(module, args):
+        w = module.attn.to_q.base_layer.weight
+        pointers.add(w.untyped_storage().data_ptr())
+
+    for b in net.transformer_blocks:
+        b.register_forward_pre_hook(where)  # after the swapper's own pre-hook: the weights are in place
+    _step(net)
+    ring = {buf.tensors[torch.float32].untyped_storage().data_ptr() for buf in swapper.ring}
+    _step(net)
+    assert len(swapper.ring) == 2
+    assert pointers <= ring and len(ring) == 2  # every block ran from one of the two buffers, across two steps

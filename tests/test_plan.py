@@ -1,4 +1,5 @@
-"""The memory planner (plan.py) and the calibration fit/report of bench.py, on the CPU in seconds.
+"""The memory planner (plan/) and the calibration fit and report of the bench (bench/fit.py, bench/report.py),
+on the CPU in seconds.
 
 Sizes are either read from the tiny random model (checked against torch) or synthetic, mimicking SD3 Medium
 (24 blocks, 2.03e9 transformer params, hidden 1536, CLIP-L 124M, CLIP-G 695M, T5-XXL 4.76e9, VAE 84M).
@@ -19,11 +20,13 @@ import pytest
 
 from sd3booth.config import DEFAULT_LORA_LAYERS, TrainConfig
 from sd3booth.errors import UserError
+from sd3booth.plan.budget import Limits, allocator_cap, process_overhead
 from sd3booth.plan.calibration import load_calibration
 from sd3booth.plan.choose import (
     BASE_SPEED_ORDER,
     GIB,
     PLAN_SETTINGS,
+    Machine,
     Plan,
     Workload,
     candidates,
@@ -332,7 +335,9 @@ def test_choose_fits_budget_and_gets_faster(cal):
     budgets = [3, 4, 6, 8, 12, 16]
     chosen = [choose(SD3M, work(), b, cal) for b in budgets]
     for b, p in zip(budgets, chosen):
-        assert p.predicted and p.peak <= b * cal["safety"], (b, p)
+        # the allocator gets the budget less what the process holds outside it (context, workspaces, kernels)
+        assert p.allocator_cap_gib == pytest.approx(b - process_overhead(p.compiled, 0.0, cal), abs=1e-3)
+        assert p.predicted and p.peak <= p.allocator_cap_gib * cal["safety"], (b, p)
         assert _obeys_rules(p, N)
         again = predict(dataclasses.replace(p, predicted={}), SD3M, work(), cal)
         assert again.predicted == p.predicted
@@ -355,7 +360,7 @@ def test_choose_fits_budget_and_gets_faster(cal):
     # every candidate that fits is no faster than the choice
     for p in candidates(SD3M, {}):
         q = predict(p, SD3M, work(), cal)
-        if q.peak <= 6 * cal["safety"]:
+        if q.peak <= allocator_cap(Limits(6.0), q.compiled, cal) * cal["safety"]:
             assert q.predicted_s_per_step >= chosen[2].predicted_s_per_step
 
 
@@ -439,39 +444,46 @@ def test_plan_for_config_cpu_uses_fixed_settings_only(tiny_model, cal):
 
 
 def test_plan_for_config_gpu_budgets(tiny_model, cal):
-    assert default_budget(24) == pytest.approx(16e9 / 2**30 - 0.5)
+    # without --max_vram: what the card had free at start (plus this process's own), less a margin
+    assert default_budget(23.6) == pytest.approx(23.1)
     assert default_budget(8) == pytest.approx(7.5)
-    assert default_budget(None) == default_budget(80)
-
-    plan, budget = plan_for_config(_cfg(tiny_model), tiny_model, 24.0)
-    assert budget == pytest.approx(16e9 / 2**30 - 0.5) == default_budget(24)
-    assert plan.peak <= budget * cal["safety"]
+    assert default_budget(None) == pytest.approx(16e9 / 2**30 - 0.5)  # unknown: a 16 GB card
+    card = Machine(gpu_available_gib=23.6, overhead_gib=0.6, bf16=True, ram_available_gib=60.0)
+    plan, budget = plan_for_config(_cfg(tiny_model), tiny_model, card)
+    assert budget == pytest.approx(23.1)
+    # the measured overhead (0.6) and compiled kernels come off the budget before the allocator gets it
+    assert plan.allocator_cap_gib == pytest.approx(23.1 - 0.6 - cal["process"]["compiled_extra_gib"], abs=1e-3)
+    assert plan.peak <= plan.allocator_cap_gib * cal["safety"]
     assert (plan.base, plan.checkpoint_blocks, plan.swap_blocks) == ("bf16", 0, 0)  # a tiny model fits as is
 
-    plan, budget = plan_for_config(_cfg(tiny_model, max_vram=6), tiny_model, 24.0)
-    assert budget == 6
-    assert plan.peak <= 6 * cal["safety"]
+    plan, budget = plan_for_config(_cfg(tiny_model, max_vram=6), tiny_model, card)
+    assert budget == 6 and plan.allocator_cap_gib < 6
+    assert plan.peak <= plan.allocator_cap_gib * cal["safety"]
 
-    plan, budget = plan_for_config(_cfg(tiny_model, max_vram=6, t5_precision="int8"), tiny_model, 80.0)
+    plan, budget = plan_for_config(_cfg(tiny_model, max_vram=6, t5_precision="int8"), tiny_model, card)
     assert budget == 6 and plan.t5 == "int8"
+    with pytest.raises(UserError, match="--max_vram 0.1 GiB .* whole process"):
+        plan_for_config(_cfg(tiny_model, max_vram=0.1), tiny_model, card)
+    # the overhead alone exceeds a 0.7 GiB budget even though the tiny model's tensors would fit
     with pytest.raises(UserError, match="--max_vram"):
-        plan_for_config(_cfg(tiny_model, max_vram=0.1), tiny_model, 24.0)
+        plan_for_config(_cfg(tiny_model, max_vram=0.7), tiny_model, card)
 
 
 def test_plan_for_config_gpu_t5_none(tiny_model):
-    plan, _ = plan_for_config(_cfg(tiny_model, t5_precision="none"), tiny_model, 24.0)
+    plan, _ = plan_for_config(_cfg(tiny_model, t5_precision="none"), tiny_model, Machine(24.0))
     assert plan.t5 == "none"
 
 
 def test_plan_for_config_gpu_compile(tiny_model):
-    assert plan_for_config(_cfg(tiny_model), tiny_model, 24.0)[0].compiled  # CUDA + bf16: on by default
-    assert not plan_for_config(_cfg(tiny_model, compile=False), tiny_model, 24.0)[0].compiled
-    assert not plan_for_config(_cfg(tiny_model, base_precision="nf4"), tiny_model, 24.0)[0].compiled
-    assert plan_for_config(_cfg(tiny_model, base_precision="nf4", compile=True), tiny_model, 24.0)[0].compiled
+    m = Machine(24.0)
+    assert plan_for_config(_cfg(tiny_model), tiny_model, m)[0].compiled  # CUDA + bf16: on by default
+    assert not plan_for_config(_cfg(tiny_model, compile=False), tiny_model, m)[0].compiled
+    assert not plan_for_config(_cfg(tiny_model, base_precision="nf4"), tiny_model, m)[0].compiled
+    assert plan_for_config(_cfg(tiny_model, base_precision="nf4", compile=True), tiny_model, m)[0].compiled
 
 
 def test_fit_compiled_recovers_coefficients():
-    from sd3booth.bench_speed import fit_compiled
+    from sd3booth.bench.fit import fit_compiled
 
     truth = copy.deepcopy(load_calibration())
     truth["coefficients"].update(act_full_compiled=20.0, act_checkpointed_compiled=1.5)
@@ -597,7 +609,7 @@ def _measured(truth: dict) -> dict:
 
 
 def test_fit_calibration_recovers_known_coefficients():
-    from sd3booth.bench import fit_calibration
+    from sd3booth.bench.fit import fit_calibration
 
     truth = _truth_calibration()
     measured = _measured(truth)
@@ -625,7 +637,7 @@ def test_fit_calibration_recovers_known_coefficients():
 
 def test_fit_calibration_predicts_like_the_truth():
     """Fit and predict use one formula: the fitted calibration predicts what the measuring GPU showed."""
-    from sd3booth.bench import fit_calibration
+    from sd3booth.bench.fit import fit_calibration
 
     truth = _truth_calibration()
     fitted = fit_calibration(_measured(truth), load_calibration())
@@ -641,7 +653,7 @@ def test_fit_calibration_predicts_like_the_truth():
 
 
 def test_fit_calibration_survives_a_failed_option():
-    from sd3booth.bench import fit_calibration
+    from sd3booth.bench.fit import fit_calibration
 
     measured = _measured(_truth_calibration())
     measured["train"] = [
@@ -696,7 +708,7 @@ def _rows(md: str) -> list[str]:
 
 
 def test_markdown_renders_every_row():
-    from sd3booth.bench import markdown
+    from sd3booth.bench.report import markdown
 
     result = _result()
     md = markdown(result)
@@ -734,7 +746,7 @@ def test_markdown_renders_every_row():
 
 
 def test_markdown_optional_parts_absent():
-    from sd3booth.bench import markdown
+    from sd3booth.bench.report import markdown
 
     result = {k: v for k, v in _result().items() if k not in ("stock", "calibrate")}
     md = markdown(result)
@@ -743,7 +755,7 @@ def test_markdown_optional_parts_absent():
 
 
 def test_markdown_failed_train_option():
-    from sd3booth.bench import markdown
+    from sd3booth.bench.report import markdown
 
     result = _result()
     failed = {k: result["calibrate"]["train"][-1][k]

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
-from sd3booth import generate_cli, lora_cli
+from sd3booth import configure_environment, generate_cli, lora_cli
 from sd3booth.config import FIELDS, add_train_arguments, build_config, closest, compat_notes
 from sd3booth.errors import UserError
 
@@ -85,6 +83,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         choices=["adamw", "adamw8bit", "prodigy"],
         help="budgets: the optimizer of the train runs (the stock recipe's, unless told). [default: adamw8bit]",
     )
+    p.add_argument(
+        "--refit",
+        metavar="RESULTS",
+        help="Measure nothing (no GPU): fit calibration.json from the stored results in RESULTS (e.g. bench/results,"
+        " runs named in its calibration-sources.json) and write it over the packaged one (docs/calibration.md).",
+    )
+    p.add_argument("--calibration_out", help="--refit: write here instead of the packaged calibration.json.")
     subs["lora"] = lora_cli.add_parser(sub)
     p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
     p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
@@ -118,7 +123,11 @@ def _cmd_random_model(ns: argparse.Namespace) -> int:
 
 
 def _cmd_bench(ns: argparse.Namespace) -> int:
-    from sd3booth.bench import run_bench
+    if ns.refit:
+        from sd3booth.bench.fit import refit_command
+
+        return refit_command(Path(ns.refit), Path(ns.calibration_out) if ns.calibration_out else None)
+    from sd3booth.bench.run import run_bench
 
     budgets = [None if b == "default" else float(b) for b in ns.budgets.split(",") if b]
     run_bench(
@@ -144,13 +153,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # fewer fragments, so reserved memory stays close to allocated (the budgets are on allocated memory)
-    os.environ.setdefault(
-        "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"
-    )  # import-time chatter about optional CPU kernels
+    configure_environment()
     argv = list(sys.argv[1:] if argv is None else argv)
     root, subs = build_parser()
     try:

@@ -200,7 +200,10 @@ def prepare_command(cfg: TrainConfig, log: Callable[[str], None] = print) -> Pre
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
     place = placement.place_run(cfg, src.root, placement.detect_device())  # the same decision as `train`
     stages = Stages(place.device)
-    prep = prepare(cfg, place, log, stages.stage)
+    try:
+        prep = prepare(cfg, place, log, stages.stage)
+    finally:
+        stages.close()
     log(
         f"cached: {len(prep.text_keys)} caption embedding(s), {len(prep.latent_keys)} latent(s), "
         f"{len(prep.classes)} class image(s) in {cfg.cache_path}"

@@ -13,57 +13,82 @@ import torch
 
 
 class Stages:
-    """Peak GPU memory (allocated and reserved) and wall time of each named stage of a run.
+    """Peak memory and wall time of each named stage of a run: allocated and reserved by PyTorch's allocator,
+    the whole process on the GPU (NVML, as nvidia-smi shows it) and the host resident set (sampled).
 
     Stages may nest (validation inside training): the inner one resets the peak counters, so the outer
     one's peak is carried across it.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    KEYS = ("peak_allocated_gib", "peak_reserved_gib", "peak_process_gpu_gib", "peak_host_rss_gib")
+
+    def __init__(self, device: torch.device, sample_memory: bool = True) -> None:
+        from sd3booth.models.memory import MemorySampler
+
         self.device = device
         self.records: list[dict[str, Any]] = []
-        self._open: list[list[float]] = []  # per open stage: [peak allocated, peak reserved] seen so far
+        self.names: list[str] = []  # the stages open now, outermost first
+        self.failed_in: str | None = None  # the innermost stage an exception left (an OOM names it)
+        self._open: list[list[float]] = []  # per open stage: the peaks of KEYS seen so far
+        self.sampler = MemorySampler(device) if sample_memory else None
 
-    def _peaks(self) -> list[float]:
-        return [
-            torch.cuda.max_memory_allocated(self.device) / 2**30,
-            torch.cuda.max_memory_reserved(self.device) / 2**30,
-        ]
+    def _peaks_and_reset(self) -> list[float]:
+        cuda = self.device.type == "cuda"
+        out = [0.0, 0.0]
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            out = [
+                torch.cuda.max_memory_allocated(self.device) / 2**30,
+                torch.cuda.max_memory_reserved(self.device) / 2**30,
+            ]
+            torch.cuda.reset_peak_memory_stats(self.device)
+        out += list(self.sampler.reset()) if self.sampler else [0.0, 0.0]
+        return out
+
+    @property
+    def current(self) -> str | None:
+        return self.names[-1] if self.names else None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            if self._open:
-                self._open[-1] = [max(a, b) for a, b in zip(self._open[-1], self._peaks())]
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self._open.append([0.0, 0.0])
+        peaks = self._peaks_and_reset()
+        if self._open:
+            self._open[-1] = [max(a, b) for a, b in zip(self._open[-1], peaks)]
+        self._open.append([0.0] * len(self.KEYS))
+        self.names.append(name)
         t0 = time.perf_counter()
         try:
             yield
+        except BaseException:
+            self.failed_in = self.failed_in or name
+            raise
         finally:
-            carried = self._open.pop()
+            carried = [max(a, b) for a, b in zip(self._open.pop(), self._peaks_and_reset())]
+            self.names.pop()
             rec: dict[str, Any] = {"stage": name, "seconds": round(time.perf_counter() - t0, 3)}
-            if cuda:
-                torch.cuda.synchronize(self.device)
-                alloc, reserved = (max(a, b) for a, b in zip(carried, self._peaks()))
-                rec["peak_allocated_gib"] = round(alloc, 3)
-                rec["peak_reserved_gib"] = round(reserved, 3)
+            for key, value in zip(self.KEYS, carried):
+                if value or key == "peak_host_rss_gib":
+                    rec[key] = round(value, 3)
+            if self.device.type == "cuda":
                 rec["allocated_after_gib"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 3)
-                if self._open:  # the outer stage's peak includes this one
-                    self._open[-1] = [max(a, b) for a, b in zip(self._open[-1], (alloc, reserved))]
+            if self._open:  # the outer stage's peak includes this one
+                self._open[-1] = [max(a, b) for a, b in zip(self._open[-1], carried)]
             self.records.append(rec)
+
+    def close(self) -> None:
+        if self.sampler:
+            self.sampler.close()
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.records, indent=2) + "\n", encoding="utf-8")
 
     def table(self) -> str:
-        lines = [f"{'stage':<28} {'seconds':>8} {'peak alloc GiB':>15} {'peak reserved GiB':>18}"]
+        lines = [f"{'stage':<28} {'seconds':>8} {'alloc GiB':>10} {'reserved':>9} {'GPU (smi)':>10} {'host RSS':>9}"]
         for r in self.records:
             lines.append(
-                f"{r['stage']:<28} {r['seconds']:>8.2f} {r.get('peak_allocated_gib', 0):>15.2f} "
-                f"{r.get('peak_reserved_gib', 0):>18.2f}"
+                f"{r['stage']:<28} {r['seconds']:>8.2f} {r.get('peak_allocated_gib', 0):>10.2f} "
+                f"{r.get('peak_reserved_gib', 0):>9.2f} {r.get('peak_process_gpu_gib', 0):>10.2f} "
+                f"{r.get('peak_host_rss_gib', 0):>9.2f}"
             )
         return "\n".join(lines)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,9 +40,7 @@ def t5_numerics(place: Placement) -> str:
         return "none"
     if mode in ("int8", "nf4"):
         return f"{mode}@cuda"
-    on_cpu = place.t5_device.type == "cpu"
-    dtype = "fp32" if on_cpu and place.weight_dtype == torch.float32 else "bf16"
-    return f"{dtype}@{place.t5_device.type}"
+    return f"{str(place.t5_dtype).removeprefix('torch.')}@{place.t5_device.type}"
 
 
 def text_key(caption: str, src: ModelSource, place: Placement, max_sequence_length: int) -> str:
@@ -72,6 +71,17 @@ def _t5_embed(tok, enc, captions: list[str], device: torch.device, length: int) 
         captions, padding="max_length", max_length=length, truncation=True, add_special_tokens=True, return_tensors="pt"
     )
     return enc(ids.input_ids.to(device))[0].float().cpu()
+
+
+def encode_batch(
+    tok: Any, enc: Any, index: int, prompts: list[str], device: torch.device, t5_len: int = 77
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One loaded text encoder's states for a batch of prompts, in fp32 on the CPU. CLIP-L/CLIP-G (``index``
+    1 or 2): (penultimate hidden states, pooled projection); T5 (3): (last hidden states at ``t5_len``
+    tokens, None). ``device`` is where the encoder runs (``place.t5_device`` for T5). Call under no_grad."""
+    if index == 3:
+        return _t5_embed(tok, enc, prompts, device, t5_len), None
+    return _clip_embed(tok, enc, prompts, device)
 
 
 def _batches(items: list[str], n: int) -> Iterable[list[str]]:
@@ -106,7 +116,7 @@ def ensure_text_embeddings(
             with stage(f"text encoder {name}"):
                 tok, enc = loaders.load_text_encoder(src, index, place)
                 for chunk in _batches(todo, place.memory.text_batch):
-                    h, p = _clip_embed(tok, enc, chunk, place.device)
+                    h, p = encode_batch(tok, enc, index, chunk, place.device)
                     clip_states[index - 1].append(h)
                     pooled[index - 1].append(p)
                 loaders.free(enc)
@@ -119,7 +129,7 @@ def ensure_text_embeddings(
                 tok, enc = loaders.load_text_encoder(src, 3, place)
                 t5 = torch.cat(
                     [
-                        _t5_embed(tok, enc, chunk, place.t5_device, max_sequence_length)
+                        encode_batch(tok, enc, 3, chunk, place.t5_device, max_sequence_length)[0]
                         for chunk in _batches(todo, place.memory.text_batch)
                     ]
                 )

@@ -37,6 +37,7 @@ def validate(cfg: TrainConfig) -> None:
         "num_inference_steps",
         "sample_batch_size",
         "logging_steps",
+        "max_bad_steps",
     )
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -55,6 +56,8 @@ def validate(cfg: TrainConfig) -> None:
         bad("--checkpoints_total_limit must be at least 1")
     if cfg.max_vram is not None and cfg.max_vram <= 0:
         bad(f"--max_vram must be positive GiB, got {cfg.max_vram}")
+    if cfg.max_ram is not None and cfg.max_ram <= 0:
+        bad(f"--max_ram must be positive GiB, got {cfg.max_ram}")
     if cfg.blocks_to_swap is not None and cfg.blocks_to_swap < 0:
         bad("--blocks_to_swap must be 0 or more")
     if cfg.checkpoint_blocks is not None and cfg.checkpoint_blocks < 0:

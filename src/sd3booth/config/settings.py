@@ -97,8 +97,17 @@ class TrainConfig:
     # memory
     max_vram: float | None = _f(
         None,
-        "GPU memory budget in GiB for the whole run: the fastest settings predicted to fit are chosen and "
-        "printed before any model loads (default: 16, or the GPU's memory if smaller).",
+        "GPU memory in GiB this run may use, counted as nvidia-smi counts it (the whole process: CUDA context, "
+        "library workspaces and compiled kernels included); the fastest settings predicted to fit are chosen and "
+        "printed before any model loads, and the allocator is capped to its share (default: the card's free "
+        "memory at start, less 0.5 GiB).",
+        group="memory",
+    )
+    max_ram: float | None = _f(
+        None,
+        "Host memory (RAM) in GiB this run may use, as its resident set: T5 kept in host memory, pinned copies of "
+        "swapped blocks and loading all count; plans that need more are not chosen (default: the memory "
+        "available at start, less 1 GiB).",
         group="memory",
     )
     base_precision: str = _f(
@@ -212,6 +221,11 @@ class TrainConfig:
     lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.")
     lr_power: float = _f(1.0, "Power of the polynomial schedule.")
     max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 disables).")
+    max_bad_steps: int = _f(
+        20,
+        "fp16 runs: stop (with one line, the last checkpoint intact) after this many steps in a row skipped for "
+        "gradient overflow; a non-finite loss in bf16/fp32 stops at once.",
+    )
     optimizer: str = _f("adamw", "adamw, adamw8bit (bitsandbytes) or prodigy.", choices=OPTIMIZERS)
     use_8bit_adam: bool = _f(False, "Same as --optimizer adamw8bit (kept for the diffusers script's users).")
     adam_beta1: float = _f(0.9, "Beta1 of Adam and Prodigy.")

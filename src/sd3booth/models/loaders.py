@@ -33,22 +33,22 @@ def load_text_encoder(src: ModelSource, index: int, place: Placement) -> tuple[A
     tok = AutoTokenizer.from_pretrained(src.root / f"tokenizer{sub}", revision=src.revision)
     kw: dict[str, Any] = {"variant": src.variant} if src.variant else {}
     if index < 3:
+        # device_map: weights go from the safetensors file straight to the device, not through host memory
         model = CLIPTextModelWithProjection.from_pretrained(
-            src.root / f"text_encoder{sub}", dtype=place.text_dtype, **kw
+            src.root / f"text_encoder{sub}", dtype=place.text_dtype, device_map={"": place.device}, **kw
         )
-        model.to(place.device)
     elif place.memory.t5 in ("int8", "nf4"):
         from transformers import BitsAndBytesConfig
 
         q = (
             BitsAndBytesConfig(load_in_8bit=True)
             if place.memory.t5 == "int8"
-            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=place.t5_dtype)
         )
-        # bf16, not fp16: in fp16 transformers keeps T5's FFN `wo` in fp32 (+2 GB) and T5 overflows.
+        # bf16 where the card has it; in fp16 transformers keeps T5's FFN `wo` in fp32 (+2 GB), where T5 overflows
         model = T5EncoderModel.from_pretrained(
             src.root / "text_encoder_3",
-            dtype=torch.bfloat16,
+            dtype=place.t5_dtype,
             quantization_config=q,
             device_map={"": place.device},
             **kw,
@@ -57,14 +57,12 @@ def load_text_encoder(src: ModelSource, index: int, place: Placement) -> tuple[A
         from accelerate import cpu_offload
 
         # bf16 weights stay in CPU memory; accelerate's hooks copy each layer in just before it runs.
-        model = T5EncoderModel.from_pretrained(src.root / "text_encoder_3", dtype=torch.bfloat16, **kw)
+        model = T5EncoderModel.from_pretrained(src.root / "text_encoder_3", dtype=place.t5_dtype, **kw)
         cpu_offload(model, execution_device=place.device)
     else:
-        dtype = (
-            torch.float32 if place.t5_device.type == "cpu" and place.weight_dtype == torch.float32 else torch.bfloat16
+        model = T5EncoderModel.from_pretrained(
+            src.root / "text_encoder_3", dtype=place.t5_dtype, device_map={"": place.t5_device}, **kw
         )
-        model = T5EncoderModel.from_pretrained(src.root / "text_encoder_3", dtype=dtype, **kw)
-        model.to(place.t5_device)
     model.requires_grad_(False).eval()
     return tok, model
 
@@ -103,10 +101,13 @@ def load_transformer(src: ModelSource, place: Placement) -> Any:
             **kw,
         )
         return model.requires_grad_(False)
+    if not place.memory.swap_blocks:  # straight from the safetensors file to the device, not via host memory
+        model = SD3Transformer2DModel.from_pretrained(
+            src.root / "transformer", torch_dtype=place.weight_dtype, device_map=str(place.device), **kw
+        )
+        return model.requires_grad_(False)
     model = SD3Transformer2DModel.from_pretrained(src.root / "transformer", torch_dtype=place.weight_dtype, **kw)
     model.requires_grad_(False)
-    if not place.memory.swap_blocks:
-        return model.to(place.device)
     for i, block in enumerate(model.transformer_blocks):
         if i >= place.memory.swap_blocks:
             block.to(place.device)

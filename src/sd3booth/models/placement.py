@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sd3booth.errors import UserError
-from sd3booth.plan.choose import Plan, plan_for_config
+from sd3booth.plan.choose import Machine, Plan, plan_for_config
 
 GIB = 2**30
 
@@ -31,6 +31,9 @@ class DeviceInfo:
     total_gib: float | None = None  # the card's memory (None on the CPU)
     bf16: bool = False  # bf16 compute supported
     name: str = "cpu"
+    available_gib: float | None = None  # free on the card at start, plus what this process already holds
+    overhead_gib: float = 0.0  # process memory outside the allocator after warm-up (0: not measured)
+    ram_available_gib: float | None = None  # host memory available at start
 
     @property
     def device(self) -> torch.device:
@@ -41,15 +44,24 @@ def detect_device(device: torch.device | None = None) -> DeviceInfo:
     """The first GPU if there is one (or the given device), else the CPU."""
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    from sd3booth.models import memory
+
     if device.type != "cuda":
-        return DeviceInfo()
+        return DeviceInfo(ram_available_gib=memory.ram_available_gib())
     props = torch.cuda.get_device_properties(device)
+    overhead = memory.measure_runtime_overhead(device)
+    free, _total = torch.cuda.mem_get_info(device)
+    own = memory.process_gpu_gib(device.index or 0) or 0.0
     return DeviceInfo(
         type="cuda",
         index=device.index or 0,
         total_gib=props.total_memory / GIB,
-        bf16=torch.cuda.is_bf16_supported(),
+        # emulated bf16 (a T4, V100 or 10-series card) is slow and overflows nothing fp16 would not: fp16 plan
+        bf16=torch.cuda.is_bf16_supported(including_emulation=False),
         name=props.name,
+        available_gib=free / GIB + own,
+        overhead_gib=overhead,
+        ram_available_gib=memory.ram_available_gib(),
     )
 
 
@@ -67,6 +79,14 @@ class Placement:
     vae_dtype: torch.dtype
     memory: Plan = Plan()
     budget_gib: float = 0.0  # 0 on the CPU: no budget applies
+
+    @property
+    def t5_dtype(self) -> torch.dtype:
+        """T5's compute dtype: bf16 on cards that have it; fp16 on those that do not (transformers then keeps
+        the FFN output layers in fp32, where T5 overflows fp16); fp32 on a CPU-only fp32 run."""
+        if self.t5_device.type == "cpu" and self.weight_dtype == torch.float32:
+            return torch.float32
+        return torch.float16 if self.mixed_precision == "fp16" else torch.bfloat16
 
     @property
     def t5_device(self) -> torch.device:
@@ -102,5 +122,10 @@ def place_run(cfg: Any, model_root: Path, info: DeviceInfo, cal: dict[str, Any] 
 
     ``train``, ``prepare`` and ``generate`` all call this, so they agree on every choice that keys a cache.
     """
-    memory, budget = plan_for_config(cfg, model_root, info.total_gib if info.type == "cuda" else None, cal)
+    machine = None
+    if info.type == "cuda":
+        available = info.available_gib if info.available_gib is not None else info.total_gib
+        bf16 = info.bf16 and cfg.mixed_precision != "fp16"
+        machine = Machine(available, info.overhead_gib, bf16, info.ram_available_gib)
+    memory, budget = plan_for_config(cfg, model_root, machine, cal)
     return decide(info, cfg.mixed_precision, memory, budget)

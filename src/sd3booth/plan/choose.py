@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sd3booth.errors import UserError
+from sd3booth.plan.budget import Limits, allocator_cap, host_stages, t5_fp16_extra_gib
 from sd3booth.plan.calibration import load_calibration
 from sd3booth.plan.sizes import ModelSizes, read_sizes
 
@@ -52,10 +53,16 @@ class Plan:
     compiled: bool = False  # transformer blocks under torch.compile (speed.CompiledBlocks)
     predicted: dict[str, float] = field(default_factory=dict, compare=False)  # stage -> GiB
     predicted_s_per_step: float = field(default=0.0, compare=False)
+    predicted_host: dict[str, float] = field(default_factory=dict, compare=False)  # stage -> GiB of host RSS
+    allocator_cap_gib: float = field(default=0.0, compare=False)  # the allocator's share of --max_vram (0: none)
 
     @property
     def peak(self) -> float:
         return max(self.predicted.values()) if self.predicted else 0.0
+
+    @property
+    def host_peak(self) -> float:
+        return max(self.predicted_host.values()) if self.predicted_host else 0.0
 
     def describe(self) -> str:
         swap = f", {self.swap_blocks} block(s) swapped from CPU" if self.swap_blocks else ""
@@ -67,6 +74,9 @@ class Plan:
             f"  VAE                  {'tiled' if self.vae_tiling else 'whole images'}",
             f"  blocks               {'compiled' if self.compiled else 'eager'}",
             "  predicted peak GiB   " + ", ".join(f"{k} {v:.2f}" for k, v in self.predicted.items()),
+            f"  GPU allocator cap    {self.allocator_cap_gib:.2f} GiB (the rest of the budget: CUDA context, "
+            "workspaces, kernels)" if self.allocator_cap_gib else "  GPU allocator cap    none",
+            "  predicted host GiB   " + ", ".join(f"{k} {v:.2f}" for k, v in self.predicted_host.items()),
             f"  predicted s/step     {self.predicted_s_per_step:.3f} (relative to the calibration GPU)",
         ]  # fmt: skip
         return "\n".join(lines)
@@ -90,6 +100,8 @@ class Workload:
     validation: bool
     class_images: bool
     validation_batch: int = 1
+    bf16: bool = True  # the GPU computes in bf16; else fp16 (T5's wo layers in fp32)
+    on_gpu: bool = True
 
     @property
     def tokens(self) -> int:
@@ -120,7 +132,8 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     stages["CLIP-G"] = _weight_gib(sizes.clip_g_params, "bf16", cal) + c["clip_g_act_per8"] * text_units + c["fixed"]
     t5_act = c["t5_act_per8x256"] * text_units * work.t5_len / 256
     if plan.t5 in ("bf16", "int8", "nf4"):
-        stages["T5"] = _weight_gib(sizes.t5_params, f"t5_{plan.t5}", cal) + t5_act + c["fixed"]
+        fp16_extra = t5_fp16_extra_gib(sizes, work.bf16) if plan.t5 == "bf16" else 0.0
+        stages["T5"] = _weight_gib(sizes.t5_params, f"t5_{plan.t5}", cal) + fp16_extra + t5_act + c["fixed"]
     elif plan.t5 == "stream":  # accelerate streams one Linear at a time: a measured constant plus activations
         stages["T5"] = c["t5_stream_base"] + t5_act + c["fixed"]
     px = work.resolution**2 / 1024**2
@@ -155,8 +168,12 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     seconds = max(seconds, copy_s) + t["swap_overhead_per_block"] * s
     if plan.activation_offload:
         seconds *= t["activation_offload_factor"]
+    host = host_stages(plan, sizes, work.t5_len, work.bf16, cal, work.on_gpu)
     return replace(
-        plan, predicted={k_: round(v, 3) for k_, v in stages.items()}, predicted_s_per_step=round(seconds, 4)
+        plan,
+        predicted={k_: round(v, 3) for k_, v in stages.items()},
+        predicted_s_per_step=round(seconds, 4),
+        predicted_host=host,
     )
 
 
@@ -234,46 +251,79 @@ def fixed_settings(cfg: Any, n_blocks: int) -> dict[str, Any]:
     return fixed
 
 
-def default_budget(device_total_gib: float | None) -> float:
-    """16 GB (decimal, as cards are sold) less ~0.5 GiB of CUDA context, or the GPU's own memory if smaller."""
-    budget = 16e9 / GIB - 0.5
-    return min(budget, device_total_gib - 0.5) if device_total_gib else budget
+MARGIN_GIB = 0.5  # left free on the card by the default budget (other programs, driver growth)
+RAM_MARGIN_GIB = 1.0  # left to the rest of the computer by the default --max_ram
 
 
-def plan_for_config(
-    cfg: Any, root: Path, device_total_gib: float | None, cal: dict[str, Any] | None = None
-) -> tuple[Plan, float]:
-    """(plan, budget) for a run; on the CPU (device_total_gib None) only the user's fixed settings apply."""
-    sizes = read_sizes(root, cfg.variant)
-    fixed = fixed_settings(cfg, sizes.n_blocks)
-    cal = cal or load_calibration()
+def default_budget(available_gib: float | None) -> float:
+    """The budget without --max_vram: the card's memory available to this run at start, less a margin."""
+    return max(0.5, (available_gib if available_gib is not None else 16e9 / GIB) - MARGIN_GIB)
+
+
+def default_ram(available_gib: float | None) -> float | None:
+    """The host-RAM budget without --max_ram: the memory available at start, less a margin (None: unknown)."""
+    return None if available_gib is None else max(1.0, available_gib - RAM_MARGIN_GIB)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the planner needs to know of the machine, measured by the caller (models.placement)."""
+
+    gpu_available_gib: float | None = None  # the card's free memory at start plus this process's own (None: CPU)
+    overhead_gib: float = 0.0  # whole-process GPU memory outside the allocator, measured at start (0: calibrated)
+    bf16: bool = True
+    ram_available_gib: float | None = None
+
+
+def workload(cfg: Any, sizes: ModelSizes, machine: Machine) -> Workload:
     n_targets = len(cfg.target_blocks) if cfg.target_blocks else sizes.n_blocks
-    lora_params = n_targets * len(cfg.target_layers) * 2 * cfg.rank * sizes.hidden
-    work = Workload(
+    return Workload(
         resolution=cfg.resolution,
         batch=cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1),
         t5_len=cfg.max_sequence_length,
         rank=cfg.rank,
-        lora_params=lora_params,
+        lora_params=n_targets * len(cfg.target_layers) * 2 * cfg.rank * sizes.hidden,
         optimizer=cfg.optimizer_name,
         validation=bool(cfg.validation_prompt),
         class_images=cfg.with_prior_preservation,
+        bf16=machine.bf16,
+        on_gpu=machine.gpu_available_gib is not None,
     )
-    if device_total_gib is None:  # the CPU: nothing compiles unless asked (its cost is never won back there)
+
+
+def plan_for_config(
+    cfg: Any, root: Path, machine: Machine | None, cal: dict[str, Any] | None = None
+) -> tuple[Plan, float]:
+    """(plan, budget) for a run; on the CPU (machine None or without a GPU) only the user's fixed settings apply."""
+    machine = machine or Machine()
+    sizes = read_sizes(root, cfg.variant)
+    fixed = fixed_settings(cfg, sizes.n_blocks)
+    cal = cal or load_calibration()
+    work = workload(cfg, sizes, machine)
+    if machine.gpu_available_gib is None:  # the CPU: nothing compiles unless asked (its cost is never won back)
         plan = Plan(**{"t5": "bf16", "compiled": False, **fixed})
         return predict(plan, sizes, work, cal), 0.0
-    budget = cfg.max_vram if cfg.max_vram is not None else default_budget(device_total_gib)
-    return choose(sizes, work, budget, cal, fixed), budget
+    budget = cfg.max_vram if cfg.max_vram is not None else default_budget(machine.gpu_available_gib)
+    ram = cfg.max_ram if cfg.max_ram is not None else default_ram(machine.ram_available_gib)
+    limits = Limits(vram_gib=budget, ram_gib=ram, overhead_gib=machine.overhead_gib, bf16=machine.bf16)
+    return choose(sizes, work, limits, cal, fixed), budget
 
 
-def choose(sizes: ModelSizes, work: Workload, budget_gib: float, cal: dict[str, Any],
+def _fits(p: Plan, limits: Limits, cal: dict[str, Any]) -> bool:
+    ram_ok = limits.ram_gib is None or p.host_peak <= limits.ram_gib
+    return p.peak <= p.allocator_cap_gib * cal["safety"] and ram_ok
+
+
+def choose(sizes: ModelSizes, work: Workload, limits: Limits | float, cal: dict[str, Any],
            fixed: dict[str, Any] | None = None) -> Plan:  # fmt: skip
-    """The plan with the least predicted s/step whose every stage is predicted to fit the budget.
+    """The plan with the least predicted s/step whose every stage is predicted to fit both budgets: the
+    allocator peak within the card's budget less what the process holds outside the allocator, and the
+    host peak within the RAM budget. ``limits`` may be a plain GiB number (GPU only, calibrated overhead).
 
-    Among plans of the same step time the lower peak wins (on the default 16 GB budget this streams T5,
-    1.3 GiB under the bf16 T5 stage for a second of encoding, with bf16 weights), then T5 fidelity, the
-    larger text batch and whole-image VAE work.
+    Among plans of the same step time the lower peak wins, then T5 fidelity, the larger text batch and
+    whole-image VAE work.
     """
+    limits = limits if isinstance(limits, Limits) else Limits(vram_gib=float(limits))
     fixed = fixed or {}
     plans = candidates(sizes, fixed)
     if not plans:  # the user's own settings exclude each other: name them rather than blame the budget
@@ -283,17 +333,30 @@ def choose(sizes: ModelSizes, work: Workload, budget_gib: float, cal: dict[str, 
         raise UserError(
             f"conflicting memory settings ({given}): {reason}; change one of them or leave it to the planner"
         )
-    fits = []
-    for plan in plans:
-        p = predict(plan, sizes, work, cal)
-        if p.peak <= budget_gib * cal["safety"]:
-            fits.append(p)
+    predicted = [
+        replace(p, allocator_cap_gib=round(allocator_cap(limits, p.compiled, cal), 3))
+        for p in (predict(plan, sizes, work, cal) for plan in plans)
+    ]
+    fits = [p for p in predicted if _fits(p, limits, cal)]
     if not fits:
-        smallest = min((predict(p, sizes, work, cal) for p in plans), key=lambda p: p.peak)
-        raise UserError(
-            f"--max_vram {budget_gib:g} GiB is below what this model needs at resolution {work.resolution} "
-            f"(at least {smallest.peak / cal['safety']:.2f} GiB predicted with the settings given); raise "
-            "--max_vram, lower --resolution or --train_batch_size, or leave the memory settings to the planner"
-        )
+        raise UserError(_nothing_fits(predicted, limits, work, cal))
     return min(fits, key=lambda p: (p.predicted_s_per_step, p.peak, T5_ORDER.index(p.t5), -p.text_batch,
                                     p.vae_tiling))  # fmt: skip
+
+
+def _nothing_fits(predicted: list[Plan], limits: Limits, work: Workload, cal: dict[str, Any]) -> str:
+    gpu_ok = [p for p in predicted if p.peak <= p.allocator_cap_gib * cal["safety"]]
+    if gpu_ok and limits.ram_gib is not None:
+        least = min(gpu_ok, key=lambda p: p.host_peak)
+        return (
+            f"--max_ram {limits.ram_gib:g} GiB is below what the plans that fit --max_vram {limits.vram_gib:g} "
+            f"need in host memory (at least {least.host_peak:.2f} GiB predicted); raise --max_ram, free memory, "
+            "or raise --max_vram so less is kept in host memory"
+        )
+    smallest = min(predicted, key=lambda p: p.peak + (limits.vram_gib - p.allocator_cap_gib))
+    need = smallest.peak / cal["safety"] + (limits.vram_gib - smallest.allocator_cap_gib)
+    return (
+        f"--max_vram {limits.vram_gib:g} GiB is below what this model needs at resolution {work.resolution} "
+        f"(at least {need:.2f} GiB predicted for the whole process with the settings given); raise "
+        "--max_vram, lower --resolution or --train_batch_size, or leave the memory settings to the planner"
+    )

@@ -44,6 +44,7 @@ class ModelSizes:
     t5_params: int
     t5_layer_params: int
     vae_params: int
+    t5_wo_params: int = 0  # T5's FFN output projections (kept fp32 when T5 runs in fp16)
 
     @property
     def transformer_params(self) -> int:
@@ -76,4 +77,5 @@ def read_sizes(root: Path, variant: str | None = None) -> ModelSizes:
         hidden=cfg["num_attention_heads"] * cfg["attention_head_dim"], clip_l_params=total("text_encoder"),
         clip_g_params=total("text_encoder_2"), t5_params=sum(t5.values()),
         t5_layer_params=max(layer.values()) if layer else 0, vae_params=total("vae"),
+        t5_wo_params=sum(n for name, n in t5.items() if ".DenseReluDense.wo." in name),
     )  # fmt: skip

@@ -26,11 +26,12 @@ from sd3booth.cache import latents as cache_latents
 from sd3booth.cache import text as cache_text
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
-from sd3booth.models import loaders, placement, source, speed
+from sd3booth.models import loaders, memory, placement, source, speed
 from sd3booth.prepare import Prepared, prepare
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
 from sd3booth.train import artefacts, checkpoint
 from sd3booth.train.batch import BatchSource, make_batch, to_device
+from sd3booth.train.guard import StepGuard
 from sd3booth.train.loss import FlowSettings, flow_matching_loss
 from sd3booth.train.optim import make_lr_scheduler, make_optimizer
 from sd3booth.train.order import DataOrder
@@ -74,6 +75,7 @@ class Run:
     start: int = 0
     resume_path: Path | None = None
     validator: Validator | None = None
+    guard: StepGuard | None = None
 
     @property
     def main(self) -> bool:
@@ -105,8 +107,11 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     )
     say = log if accelerator.is_main_process else (lambda _msg: None)
     if place.device.type == "cuda":
-        say(f"memory plan for {place.budget_gib:.1f} GiB ({'--max_vram' if cfg.max_vram else 'default budget'}):")
+        which = "--max_vram" if cfg.max_vram else "default budget: free on the card at start, less 0.5"
+        say(f"memory plan for {place.budget_gib:.1f} GiB of {info.name}, whole process ({which}):")
         say(place.memory.describe())
+        if place.memory.allocator_cap_gib:
+            memory.cap_allocator(place.device, place.memory.allocator_cap_gib)
         if cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
@@ -192,6 +197,7 @@ def _optimization(run: Run) -> None:
         cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, run.max_steps, cfg.lr_num_cycles, cfg.lr_power
     )
     run.transformer, run.optimizer = acc.prepare(run.transformer, optimizer)
+    run.guard = StepGuard(cfg.max_bad_steps, run.say)
 
 
 def _resume(run: Run) -> None:
@@ -209,9 +215,9 @@ def _resume(run: Run) -> None:
     run.say(f"resumed from {run.resume_path} at step {start}")
 
 
-def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run:
-    """Everything before the first step, in data-flow order."""
-    run = _open(cfg, log)
+def setup(run: Run) -> None:
+    """Everything before the first step after :func:`_open`, in data-flow order."""
+    cfg = run.cfg
     ckpt_root = run.out / "checkpoints"
     run.resume_path = checkpoint.find(ckpt_root, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
     if cfg.resume_from_checkpoint and run.resume_path is None:
@@ -222,7 +228,6 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run:
     _resume(run)
     if run.main:
         run.accelerator.init_trackers("sd3booth", config=tracker_config(portable_settings(cfg)))
-    return run
 
 
 # ---- one step ---------------------------------------------------------------------------------------------
@@ -266,6 +271,8 @@ def optimizer_step(run: Run, step: int) -> torch.Tensor:
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if acc.scaler is not None:  # fp16: the scaler skips steps whose gradients overflowed (a host sync anyway)
+        run.guard.after_step(step + 1, acc.optimizer_step_was_skipped, acc.scaler.get_scale())
     return total
 
 
@@ -339,12 +346,14 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
             # a compiled run logs its first step alone: its time is mostly compilation
             if step % cfg.logging_steps == 0 or step == run.max_steps or (run.compiled and step == start + 1):
                 last_loss = (run.accelerator.reduce(loss_sum, "mean") / n).item()  # the only host sync
+                run.guard.check_loss(step, last_loss, run.accelerator.scaler is not None)
                 step_times.append((time.perf_counter() - t_log) / n)
                 _log_step(run, metrics, step, last_loss, step_times[-1], bar)
                 loss_sum.zero_()
                 n, t_log = 0, time.perf_counter()
             t_pause = time.perf_counter()  # checkpoints and validation do not count as step time
             if step % cfg.checkpointing_steps == 0 and run.main:
+                run.guard.check_loss(step, float(loss_sum.sum()), run.accelerator.scaler is not None)
                 _checkpoint(run, step)
             if _validation_due(run, step) and step < run.max_steps:
                 _validate(run, step)
@@ -385,6 +394,30 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     """Runs every stage of ``sd3booth train``; returns what it produced."""
-    run = setup(cfg, log)
-    step, last_loss, step_times = loop(run)
-    return finish(run, step, last_loss, step_times)
+    run = _open(cfg, log)
+    try:
+        setup(run)
+        step, last_loss, step_times = loop(run)
+        return finish(run, step, last_loss, step_times)
+    except torch.OutOfMemoryError:
+        stage = run.stages.failed_in or run.stages.current
+        raise UserError(out_of_memory_message(stage, run.place, cfg.max_vram is not None)) from None
+    finally:
+        run.stages.close()
+
+
+def out_of_memory_message(stage: str | None, place: placement.Placement, explicit: bool) -> str:
+    """One line for an out-of-memory error: the stage, the budget, the planner's prediction, what to try."""
+    stage = stage or "setup"
+    keys = {"text encoder CLIP-L": "CLIP-L", "text encoder CLIP-G": "CLIP-G", "text encoder T5": "T5",
+            "load transformer": "training", "validation": "validation"}  # fmt: skip
+    key = next((v for k, v in keys.items() if stage.startswith(k)), stage)
+    predicted = place.memory.predicted.get(key)
+    guess = f"; the planner predicted {predicted:.2f} GiB allocated for it" if predicted is not None else ""
+    budget = place.budget_gib
+    lower = max(1.0, round(budget - max(1.0, 0.15 * budget), 1))
+    flag = "--max_vram" if explicit else "the default budget"
+    return (
+        f"out of GPU memory in stage '{stage}' with {flag} {budget:.1f} GiB{guess}; nothing saved was lost: "
+        f"try --max_vram {lower:g} (a more frugal plan), and close other programs using the GPU"
+    )

@@ -1,0 +1,152 @@
+"""The markdown of a bench result (``bench-ARCH.md``): one table per part that ran. Pure Python."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _stock(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| stock stack (bf16 + GC + AdamW8bit, eager) | res | weights GiB | peak GiB | s/step |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| stock | {r['resolution']} | {r['weights_gib']:.2f} | {r['peak_gib']:.2f} | {r['s_per_step']:.3f} |"
+        )
+    return [*lines, ""]
+
+
+def _calibrate(cal: dict[str, Any]) -> list[str]:
+    lines = [
+        "| training step option | res | weights GiB | peak GiB | s/step | output rel. err | LoRA grad rel. err |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in cal["train"]:
+        opt = f"{r['base']}, ckpt {r['checkpoint_blocks']}, swap {r['swap_blocks']}" + (
+            ", act. offload" if r["activation_offload"] else ""
+        )
+        if "error" in r:
+            lines.append(f"| {opt} | {r['resolution']} | failed: {r['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {opt} | {r['resolution']} | {r['weights_gib']:.2f} | {r['peak_gib']:.2f} | {r['s_per_step']:.3f} | "
+            f"{r.get('output_rel_err', '')} | {r.get('lora_grad_rel_err', '')} |"
+        )
+    lines += ["", "| stage | option | peak GiB | seconds | cosine vs bf16 |", "|---|---|---|---|---|"]
+    for r in cal["stages"]:
+        if "peak_gib" not in r:
+            lines.append(f"| {r['stage']} | {r['option']} | failed: {r.get('error', '?')} | | |")
+            continue
+        lines.append(
+            f"| {r['stage']} | {r['option']} | {r['peak_gib']:.2f} | {r.get('seconds', '')} | "
+            f"{r.get('cosine_vs_bf16', '')} |"
+        )
+    return [*lines, "", f"Host-to-device copy (pinned): {cal.get('h2d_gbps', '?')} GB/s", ""]
+
+
+def _plan(p: dict[str, Any]) -> str:
+    return (
+        f"{p['base']}, ckpt {p['checkpoint_blocks']}, swap {p['swap_blocks']}, T5 {p['t5']}"
+        + (", act. offload" if p["activation_offload"] else "")
+        + (", VAE tiled" if p["vae_tiling"] else "")
+        + (", compiled" if p.get("compiled") else "")
+    )
+
+
+def _budgets(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| --max_vram | plan | predicted peak | measured peak (alloc / reserved) | s/step (predicted) "
+        "| first step s | per-stage peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["rc"] != 0:
+            lines.append(f"| {r['budget_gib'] or 'default'} | failed: {r.get('error', '')} | | | | | |")
+            continue
+        predicted_s = f" ({r['predicted_s_per_step']:.3f})" if "predicted_s_per_step" in r else ""
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items() if v is not None)
+        lines.append(
+            f"| {r['budget_gib'] or 'default'} | {_plan(r['plan'])} | {r['predicted_peak_gib']:.2f} | "
+            f"{r['peak_gib']:.2f} / {r['peak_reserved_gib']:.2f} | {r['s_per_step']:.3f}{predicted_s} | "
+            f"{r.get('first_step_s', '')} | {stages} |"
+        )
+    if any("process_gpu_gib" in r for r in rows):
+        lines += ["", *_whole_process(rows)]
+    return lines
+
+
+def _gib(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.2f}" if isinstance(row.get(key), float | int) else "-"
+
+
+def _whole_process(rows: list[dict[str, Any]]) -> list[str]:
+    """What the user's card and computer see (issue #10): NVML process memory and host RSS, sampled from
+    outside the run every 100 ms, beside the planner's predictions and the allocator's peak."""
+    lines = [
+        "| --max_vram | GPU, whole process (nvidia-smi) | predicted | allocator cap | allocated peak "
+        "| host RSS | predicted host |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["rc"] != 0:
+            continue
+        cells = [_gib(r, k) for k in ("process_gpu_gib", "predicted_process_gib", "allocator_cap_gib", "peak_gib",
+                                      "host_rss_gib", "predicted_host_gib")]  # fmt: skip
+        lines.append(f"| {r['budget_gib'] or 'default'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown_speed(res: dict[str, Any]) -> list[str]:
+    """The speed part: step table against stock, parity, the long run and the profiles."""
+    rows = res.get("rows", [])
+    base = {r["batch"]: r["s_per_step"] for r in rows if r["stack"] == "stock"}
+    lines = [
+        "| stack | batch | checkpointing | s/step | vs stock (same batch) | first step s | peak GiB | MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speedup = base[r["batch"]] / r["s_per_step"]
+        lines.append(
+            f"| {r['stack']} | {r['batch']} | {r['checkpointing']} | {r['s_per_step']:.3f} | {speedup:.2f}× | "
+            f"{r['first_step_s']:.1f} | {r['peak_gib']:.2f} | {r.get('mfu', '')} |"
+        )
+    p = res.get("parity")
+    if p:
+        lines += ["", f"Parity after {p['steps']} steps, compiled vs eager: LoRA rel. err {p['lora_rel_err']}, "
+                  f"rel. err of the update {p['lora_update_rel_err']}."]  # fmt: skip
+    if res.get("long_run") and "ours_s" in res["long_run"]:
+        lr = res["long_run"]
+        lines += ["", f"{lr['steps']}-step run, compilation included: stock {lr['stock_s']} s, ours {lr['ours_s']} s "
+                  f"({lr['stock_s'] / lr['ours_s']:.2f}×)."]  # fmt: skip
+    for key in ("profile_stock_b1", "profile_ours_b1"):
+        if key in res:
+            q = res[key]
+            top = "; ".join(f"{k['name']} {k['share']:.0%}" for k in q["top_kernels"][:5])
+            lines += [
+                "",
+                f"Profile {key[8:]}: GPU busy {q['gpu_busy_fraction']:.0%} of {q['wall_s_per_step']} s/step, "
+                f"{q['kernels_per_step']} kernels/step, {q['host_syncs_per_step']} host syncs/step; top: {top}",
+            ]
+    return lines + [""]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The whole report of one bench call."""
+    lines = [
+        f"## {result['arch']} — {result['date']}, {result['device']}",
+        "",
+        f"`{result['command']}`",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+    ]
+    if result.get("stock"):
+        lines += _stock(result["stock"])
+    if result.get("calibrate"):
+        lines += _calibrate(result["calibrate"])
+    if result.get("budgets"):
+        lines += _budgets(result["budgets"])
+    if result.get("speed"):
+        lines += ["", *markdown_speed(result["speed"])]
+    return "\n".join(lines) + "\n"

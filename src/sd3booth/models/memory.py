@@ -1,0 +1,144 @@
+"""Memory as the user's machine sees it: whole-process GPU memory (NVML), host RSS, and the allocator cap.
+
+``torch.cuda.max_memory_allocated`` counts live tensors only; a card also holds the caching allocator's
+reserve, the CUDA context, cuBLAS/cuDNN workspaces and compiled kernels. NVML (the library behind
+nvidia-smi) reports what the card gives the process; nvidia-ml-py is read when installed, else nvidia-smi.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import torch
+
+GIB = 2**30
+
+
+def process_tree_pids(pid: int | None = None) -> list[int]:
+    import psutil
+
+    root = psutil.Process(pid or os.getpid())
+    return [root.pid, *(c.pid for c in root.children(recursive=True))]
+
+
+def host_rss_gib(pid: int | None = None) -> float:
+    """Resident set of the process and its children, GiB."""
+    import psutil
+
+    total = 0
+    for p in process_tree_pids(pid):
+        try:
+            total += psutil.Process(p).memory_info().rss
+        except psutil.Error:
+            pass
+    return total / GIB
+
+
+def ram_available_gib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / GIB
+
+
+def _nvml_used_by(pids: set[int], index: int) -> float | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        used = [p.usedGpuMemory for p in procs if p.pid in pids and p.usedGpuMemory]
+        return sum(used) / GIB if used else None
+    except Exception:  # noqa: BLE001 - no NVML (container, driver): fall back to nvidia-smi
+        return None
+
+
+def _smi_used_by(pids: set[int], index: int) -> float | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--id={index}", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+    except (subprocess.SubprocessError, OSError):
+        return None
+    used = [
+        float(mib) for pid, mib in (line.split(",") for line in out.splitlines() if "," in line) if int(pid) in pids
+    ]
+    return sum(used) / 1024 if used else None
+
+
+def process_gpu_gib(index: int = 0, pid: int | None = None) -> float | None:
+    """GPU memory the card gives this process tree (as nvidia-smi shows it), GiB; None when unreadable."""
+    pids = set(process_tree_pids(pid))
+    used = _nvml_used_by(pids, index)
+    return used if used is not None else _smi_used_by(pids, index)
+
+
+def warm_up_runtime(device: torch.device) -> None:
+    """Creates what every run creates before its first step (cuBLAS and cuDNN handles and workspaces, the
+    attention kernels' state), so the overhead measured afterwards is the one the run will carry."""
+    a = torch.randn(256, 256, device=device, dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.half)
+    (a @ a).sum().item()
+    q = a.view(1, 4, 64, 256)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().item()
+    torch.cuda.synchronize(device)
+
+
+def measure_runtime_overhead(device: torch.device) -> float:
+    """Whole-process GPU memory outside the caching allocator after warm-up, GiB (0 when NVML is unreadable)."""
+    warm_up_runtime(device)
+    used = process_gpu_gib(device.index or 0)
+    if used is None:
+        return 0.0
+    return max(0.0, used - torch.cuda.memory_reserved(device) / GIB)
+
+
+def cap_allocator(device: torch.device, cap_gib: float) -> None:
+    """Caps the caching allocator at cap_gib: past it, it frees its cached blocks and retries before failing,
+    as it would on a card of that size, instead of growing its reserve."""
+    total = torch.cuda.get_device_properties(device).total_memory / GIB
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib / total), device)
+
+
+class MemorySampler:
+    """Samples whole-process GPU memory and host RSS every ``interval`` seconds in a daemon thread and keeps
+    the peaks since the last :meth:`reset` (a stage's peak, as nvidia-smi and top would have shown it)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.1) -> None:
+        import threading
+
+        self.device, self.interval = device, interval
+        self.cuda = device.type == "cuda"
+        self.peak_gpu = 0.0
+        self.peak_host = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="sd3booth-memory")
+        self._thread.start()
+
+    def _sample(self) -> None:
+        host = host_rss_gib()
+        gpu = (process_gpu_gib(self.device.index or 0) or 0.0) if self.cuda else 0.0
+        self.peak_host = max(self.peak_host, host)
+        self.peak_gpu = max(self.peak_gpu, gpu)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def reset(self) -> tuple[float, float]:
+        """(peak GPU GiB, peak host GiB) since the last reset, sampling once more first; then starts over."""
+        self._sample()
+        peaks = (self.peak_gpu, self.peak_host)
+        self.peak_gpu = self.peak_host = 0.0
+        self._sample()
+        return peaks
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)

@@ -1,0 +1,75 @@
+"""What the user's card and computer must hold: whole-process GPU memory and host RAM of a plan.
+
+The allocator prediction of ``choose.predict`` counts the tensors PyTorch allocates. A card also holds what
+no allocator counts: the CUDA context, cuBLAS/cuDNN workspaces and the code of compiled kernels (measured
+0.8–1.3 GiB on an H100); ``--max_vram`` is a limit on all of it, as nvidia-smi shows it. So the allocator gets
+what is left after that overhead (the run caps it there with ``set_per_process_memory_fraction``, so the
+caching allocator behaves as on a card of that size) and a plan fits when its allocator peak fits the cap.
+
+Host RAM (``--max_ram``) is planned the same way, stage by stage: the process itself (Python, torch, the
+CUDA libraries), the weights a stage keeps in host memory (a streamed or CPU T5, the pinned copies of
+swapped blocks) and what loading passes through host memory. Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The two budgets a plan must meet and what the card costs besides the allocator."""
+
+    vram_gib: float  # whole process on the card (nvidia-smi)
+    ram_gib: float | None = None  # host RSS of the run's processes; None = not limited
+    overhead_gib: float = 0.0  # context + library workspaces, measured on this card at start-up
+    bf16: bool = True  # the card computes in bf16 (else the fp16 plan: T5's FFN output layers stay fp32)
+
+
+def process_overhead(compiled: bool, measured_gib: float, cal: dict[str, Any]) -> float:
+    """GiB on the card outside the allocator: the runtime's measured overhead (or the calibrated one when none
+    was measured), plus compiled kernels' code and their autotuning workspaces when blocks are compiled."""
+    p = cal["process"]
+    runtime = measured_gib if measured_gib > 0 else p["runtime_overhead_gib"]
+    return runtime + (p["compiled_extra_gib"] if compiled else 0.0)
+
+
+def allocator_cap(limits: Limits, compiled: bool, cal: dict[str, Any]) -> float:
+    """The allocator's share of the budget, GiB (what the run passes to set_per_process_memory_fraction)."""
+    return max(0.0, limits.vram_gib - process_overhead(compiled, limits.overhead_gib, cal))
+
+
+def host_stages(
+    plan: Any, sizes: Any, t5_len: int, bf16: bool, cal: dict[str, Any], on_gpu: bool = True
+) -> dict[str, float]:
+    """Predicted host RSS per stage, GiB.
+
+    Loaders place weights straight on the device (safetensors, device_map), so a resident component passes
+    through host memory one shard at a time (``load_transient_gib``). What stays in host memory:
+    * T5 ``stream``: accelerate keeps every layer in host memory and copies each in as it runs (bf16);
+      ``cpu``: T5 runs there (bf16 next to a GPU, fp32 on a CPU-only machine);
+    * swapped blocks: their frozen weights, packed into pinned buffers, at the base's storage size.
+    """
+    h = cal["host"]
+    base = h["process_gib"] + (h["cuda_libs_gib"] if on_gpu else 0.0)
+    shard = h["load_transient_gib"]
+    bpp = cal["bytes_per_param"]
+    out: dict[str, float] = {}
+    out["CLIP-G"] = base + shard
+    t5_bytes = sizes.t5_params * (2 if on_gpu else 4)
+    if plan.t5 in ("stream", "cpu"):
+        out["T5"] = base + t5_bytes / GIB + h["t5_act_per_token_gib"] * t5_len
+    elif plan.t5 != "none":
+        out["T5"] = base + shard
+    swapped = plan.swap_blocks * sizes.block_params * bpp.get(plan.base, 2.0) / GIB
+    out["training"] = base + swapped + shard + h["training_extra_gib"]
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def t5_fp16_extra_gib(sizes: Any, bf16: bool) -> float:
+    """Without bf16, T5 runs in fp16 with its FFN output projections (``wo``) kept in fp32 by transformers,
+    as fp16 overflows there: 2 more bytes for each of those weights."""
+    return 0.0 if bf16 else sizes.t5_wo_params * 2 / GIB

@@ -1,0 +1,196 @@
+"""The budget is the card (issue #10): whole-process GPU accounting, the host-RAM planner, the fp16 (T4) plan,
+the bad-step guard and the out-of-memory line — on the CPU, with the GPU's capabilities injected."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from sd3booth.cli import main
+from sd3booth.config import DEFAULT_LORA_LAYERS
+from sd3booth.data.dataset import write_demo_like_dataset
+from sd3booth.errors import UserError
+from sd3booth.models.placement import DeviceInfo, decide
+from sd3booth.plan.budget import Limits, allocator_cap, host_stages, process_overhead
+from sd3booth.plan.calibration import load_calibration
+from sd3booth.plan.choose import Plan, Workload, choose
+from sd3booth.plan.sizes import ModelSizes
+from sd3booth.train.guard import StepGuard
+
+N = 24
+SD3M = ModelSizes(
+    n_blocks=N, block_params=82_000_000, other_params=2_030_000_000 - N * 82_000_000, hidden=1536,
+    clip_l_params=124_000_000, clip_g_params=695_000_000, t5_params=4_760_000_000, t5_layer_params=193_000_000,
+    vae_params=84_000_000, t5_wo_params=24 * 4096 * 10240,
+)  # fmt: skip
+GIB = 2**30
+
+
+def work(**kw) -> Workload:
+    base = dict(resolution=1024, batch=1, t5_len=77, rank=16, optimizer="adamw8bit", validation=True,
+                class_images=False, lora_params=N * len(DEFAULT_LORA_LAYERS) * 2 * 16 * 1536)  # fmt: skip
+    return Workload(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def cal():
+    return load_calibration()
+
+
+# ---- whole-process GPU accounting ---------------------------------------------------------------------------
+
+
+def test_allocator_gets_the_budget_less_the_measured_overhead(cal):
+    calibrated = cal["process"]["runtime_overhead_gib"]
+    extra = cal["process"]["compiled_extra_gib"]
+    assert process_overhead(False, 0.0, cal) == calibrated  # nothing measured: the calibrated value
+    assert process_overhead(False, 0.9, cal) == 0.9  # measured on this card at start-up
+    assert process_overhead(True, 0.9, cal) == pytest.approx(0.9 + extra)  # compiled kernels on top
+    assert allocator_cap(Limits(3.0, overhead_gib=0.9), True, cal) == pytest.approx(3.0 - 0.9 - extra)
+    p = choose(SD3M, work(), Limits(3.0, overhead_gib=0.9), cal)
+    # what nvidia-smi will show is bounded by the cap (the run enforces it) plus the overhead: the budget
+    assert p.peak <= p.allocator_cap_gib * cal["safety"]
+    assert p.allocator_cap_gib + process_overhead(p.compiled, 0.9, cal) == pytest.approx(3.0)
+
+
+def test_a_bigger_overhead_gives_a_more_frugal_plan(cal):
+    small = choose(SD3M, work(), Limits(4.0, overhead_gib=0.3), cal)
+    big = choose(SD3M, work(), Limits(4.0, overhead_gib=1.3), cal)
+    assert big.peak < small.peak and big.predicted_s_per_step >= small.predicted_s_per_step
+
+
+# ---- host RAM -----------------------------------------------------------------------------------------------
+
+
+def test_host_stages_count_what_stays_in_host_memory(cal):
+    resident = host_stages(Plan(t5="bf16"), SD3M, 77, True, cal)
+    streamed = host_stages(Plan(t5="stream"), SD3M, 77, True, cal)
+    # a streamed T5 keeps its bf16 weights (9.5 GB) in host memory; a resident one passes through a shard
+    assert streamed["T5"] - resident["T5"] == pytest.approx(SD3M.t5_params * 2 / GIB - 1.0, abs=0.05)
+    swapped = host_stages(Plan(checkpoint_blocks=N, swap_blocks=12), SD3M, 77, True, cal)
+    assert swapped["training"] - resident["training"] == pytest.approx(12 * SD3M.block_params * 2 / GIB, abs=0.01)
+    fp8 = host_stages(Plan(base="fp8", checkpoint_blocks=N, swap_blocks=12), SD3M, 77, True, cal)
+    assert fp8["training"] < swapped["training"]  # fp8 copies of swapped blocks take less host memory
+
+
+def test_ram_budget_steers_the_plan_and_names_itself_when_too_small(cal):
+    roomy = choose(SD3M, work(), Limits(16.0, ram_gib=64.0), cal)
+    tight = choose(SD3M, work(), Limits(16.0, ram_gib=8.0), cal)
+    assert roomy.t5 == "stream"  # equal speed, lower GPU peak: chosen when RAM is plentiful
+    assert tight.host_peak <= 8.0 and tight.t5 not in ("stream", "cpu")
+    with pytest.raises(UserError, match=r"--max_ram 3 GiB is below .* host memory"):
+        choose(SD3M, work(), Limits(3.0, ram_gib=3.0), cal)
+
+
+def test_t4_profile_fits_sd3_medium_at_1024(cal):
+    """A free Colab T4: 15 GB card (14.6 GiB free), no bf16, 12.7 GB of RAM (about 11 GiB available)."""
+    t4 = Limits(vram_gib=14.6 - 0.5, ram_gib=11.0 - 1.0, overhead_gib=0.45, bf16=False)
+    p = choose(SD3M, work(bf16=False), t4, cal)
+    assert p.peak <= p.allocator_cap_gib * cal["safety"] and p.host_peak <= 10.0
+    bf16 = choose(SD3M, work(), dataclasses.replace(t4, bf16=True), cal)
+    if p.t5 == bf16.t5 == "bf16":  # fp16 T5 keeps its wo layers in fp32: a bigger T5 stage
+        assert p.predicted["T5"] > bf16.predicted["T5"]
+
+
+# ---- the fp16 path and its guard ----------------------------------------------------------------------------
+
+
+def test_a_card_without_bf16_gets_the_fp16_plan():
+    t4 = DeviceInfo(type="cuda", total_gib=14.6, bf16=False, name="simulated T4")
+    place = decide(t4, None, Plan(t5="bf16"))
+    assert (place.mixed_precision, place.weight_dtype, place.vae_dtype) == ("fp16", torch.float16, torch.float32)
+    assert place.t5_dtype == torch.float16  # transformers keeps T5's wo layers in fp32 in fp16
+    h100 = decide(DeviceInfo(type="cuda", total_gib=79.0, bf16=True), None, Plan(t5="bf16"))
+    assert h100.t5_dtype == torch.bfloat16
+
+
+def test_guard_says_once_then_stops_after_consecutive_skips():
+    said = []
+    g = StepGuard(3, said.append)
+    g.after_step(1, True, 32768.0)
+    g.after_step(2, False)
+    g.after_step(3, True, 16384.0)
+    g.after_step(4, True, 8192.0)
+    assert len(said) == 1 and "loss scale lowered to 32768" in said[0]
+    with pytest.raises(UserError, match="3 steps in a row skipped .* up to step 5"):
+        g.after_step(5, True, 4096.0)
+
+
+def test_guard_non_finite_loss_stops_at_once_without_a_scaler():
+    g = StepGuard(20, print)
+    g.check_loss(3, float("nan"), scaled=True)  # fp16: a skipped step, counted by after_step
+    with pytest.raises(UserError, match="loss became nan by step 4"):
+        g.check_loss(4, float("nan"), scaled=False)
+
+
+def _run_args(tiny_model, tmp_path, *extra):
+    data = tmp_path / "photos"
+    write_demo_like_dataset(data, n=2, size=64)
+    return ["train", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(data),
+            "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--train_batch_size", "1",
+            "--report_to", "none", "--center_crop", *extra]  # fmt: skip
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tiny_model, tmp_path, monkeypatch, capsys):
+    from sd3booth.train import loop
+
+    real = loop.flow_matching_loss
+    calls = []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) > 4 else loss
+
+    monkeypatch.setattr(loop, "flow_matching_loss", poisoned)
+    args = _run_args(tiny_model, tmp_path, "--max_train_steps", "8", "--checkpointing_steps", "2",
+                     "--logging_steps", "1")  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "loss became nan by step 5" in lines[0] and "Traceback" not in err
+    ckpts = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert ckpts[-1] == "checkpoint-4"  # the last good one, untouched; nothing non-finite was saved
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "out" / "checkpoints" / "checkpoint-4" / "lora.safetensors")
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_out_of_memory_is_one_line_naming_stage_budget_and_next_budget(tiny_model, tmp_path, monkeypatch, capsys):
+    from sd3booth.train import loop
+
+    def oom(run, step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "optimizer_step", oom)
+    assert main(_run_args(tiny_model, tmp_path, "--max_train_steps", "2")) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "out of GPU memory in stage 'training'" in lines[0] and "--max_vram" in lines[0]
+    assert "Traceback" not in err
+    assert (tmp_path / "out" / "settings.json").is_file()  # the caches and settings of the run are kept
+
+
+def test_out_of_memory_message_names_the_prediction():
+    place = decide(DeviceInfo(type="cuda", total_gib=16, bf16=True), None,
+                   Plan(predicted={"T5": 9.1, "training": 5.0}), budget_gib=10.0)  # fmt: skip
+    msg = loop_message("text encoder T5 (bf16)", place)
+    assert "'text encoder T5 (bf16)'" in msg and "9.10 GiB" in msg and "--max_vram 8.5" in msg and "\n" not in msg
+
+
+def loop_message(stage, place):
+    from sd3booth.train.loop import out_of_memory_message
+
+    return out_of_memory_message(stage, place, explicit=True)
+
+
+def test_stages_record_host_memory_on_the_cpu(tiny_model, tmp_path):
+    assert main(_run_args(tiny_model, tmp_path, "--max_train_steps", "1")) == 0
+    stages = json.loads((tmp_path / "out" / "stages.json").read_text())
+    training = next(s for s in stages if s["stage"] == "training")
+    assert 0.1 < training["peak_host_rss_gib"] < 64
