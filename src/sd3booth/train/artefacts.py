@@ -152,6 +152,13 @@ Follow the license of the base model `{base}`.
     return path
 
 
+def publish(cfg: TrainConfig, out: Path, model_root: Path, folders: list[Path], steps: int, log: Any = print) -> None:
+    """The model card, then (with --push_to_hub) the upload."""
+    write_model_card(cfg, out, model_root, folders, steps)
+    if cfg.push_to_hub:
+        push_to_hub(out, cfg.hub_model_id or out.resolve().name, cfg.hub_token, log)
+
+
 def push_to_hub(out: Path, repo_id: str, token: str | None, log: Any = print) -> str:
     """Uploads the output folder (not checkpoints, caches or logs) with huggingface_hub; one line on failure."""
     import huggingface_hub

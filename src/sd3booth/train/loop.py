@@ -382,10 +382,7 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
         if run.start < run.max_steps or not any(d.name == f"step-{step}" for d in folders):
             _validate(run, step)
         run.stages.save(run.out / "stages.json")
-        artefacts.write_model_card(run.cfg, run.out, run.prep.src.root, folders, step)
-        if run.cfg.push_to_hub:
-            hub_id = run.cfg.hub_model_id or run.out.resolve().name
-            artefacts.push_to_hub(run.out, hub_id, run.cfg.hub_token, run.say)
+        artefacts.publish(run.cfg, run.out, run.prep.src.root, folders, step, run.say)  # model card, hub
     run.accelerator.end_training()
     median = sorted(step_times)[len(step_times) // 2] if step_times else None
     folders = run.validator.folders if run.validator else []
