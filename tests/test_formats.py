@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 from lora_helpers import base_transformer as _base
 from lora_helpers import write_trained_lora  # noqa: E402, I001
@@ -192,3 +192,29 @@ def test_peft_metadata_alpha_is_honoured(tmp_path):
     save_file({f"{q}.lora_A.weight": a, f"{q}.lora_B.weight": b}, tmp_path / "p.safetensors", metadata=meta)
     d, u = formats.read_lora(tmp_path / "p.safetensors").modules["transformer.transformer_blocks.0.attn.to_q"]
     torch.testing.assert_close(u @ d, 4.0 * b @ a)
+
+
+def test_sd35_medium_layers_dual_attention_and_qk_norm(tmp_path):
+    """SD3.5 Medium's extra layers (attn2 in the first blocks, RMS q/k norms): our Stability names invert diffusers'
+    own converter, and an attn2 LoRA survives kohya and ComfyUI round trips."""
+    cfg = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=16,
+               num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+               pos_embed_max_size=32, dual_attention_layers=(0, 1), qk_norm="rms_norm")  # fmt: skip
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(**cfg)
+    state = {k: torch.randn_like(v) for k, v in net.state_dict().items()}
+    sai = transformer_to_sai(state)
+    assert "joint_blocks.1.x_block.attn2.qkv.weight" in sai and "joint_blocks.2.context_block.attn.ln_q.weight" in sai
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(sai))
+    _assert_same(back, state)
+    g = torch.Generator().manual_seed(1)
+    block = "transformer.transformer_blocks.1.attn2"
+    modules = {f"{block}.{m}": (torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g))
+               for m in ("to_q", "to_k", "to_v", "to_out.0")}  # fmt: skip
+    for fmt in ("kohya", "comfyui"):
+        path = formats.write_lora(modules, tmp_path / f"{fmt}.safetensors", fmt, torch.float32)
+        assert any("attn2" in k and "qkv" in k for k in load_file(path))
+        back_modules = formats.read_lora(path).modules
+        assert set(back_modules) == set(modules)
+        for name, (d, u) in modules.items():
+            torch.testing.assert_close(formats.delta(*back_modules[name]), formats.delta(d, u))

@@ -8,11 +8,13 @@ ComfyUI, Forge/A1111 and kohya's tools display.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from sd3booth import __version__
 from sd3booth.adapters import lora
@@ -40,7 +42,15 @@ def model_variant(model_root: Path) -> str:
     return "sd3.5-large" if cfg.get("num_layers") == 38 else "sd3-medium"
 
 
-def lora_metadata(cfg: TrainConfig, model_root: Path, steps: int) -> dict[str, str]:
+def trained_layers(net: Any) -> list[str]:
+    """The layer kinds the adapter really has (``attn.to_q``…; with --init_lora they come from the file)."""
+    from peft.utils import get_peft_model_state_dict
+
+    keys = [k.split(".lora_A.")[0] for k in get_peft_model_state_dict(net) if ".lora_A." in k]
+    return sorted({re.sub(r"^transformer_blocks\.\d+\.", "", k) for k in keys})
+
+
+def lora_metadata(cfg: TrainConfig, model_root: Path, steps: int, layers: list[str]) -> dict[str, str]:
     variant = model_variant(model_root)
     arch = {"sd3-medium": "3-medium", "sd3.5-medium": "3-5-medium", "sd3.5-large": "3-5-large"}[variant]
     base = _base_model(cfg)
@@ -54,7 +64,7 @@ def lora_metadata(cfg: TrainConfig, model_root: Path, steps: int) -> dict[str, s
         "sd3booth.alpha": f"{cfg.alpha} (folded into lora_B: the file loads with alpha = rank)",
         "sd3booth.steps": str(steps),
         "sd3booth.instance_prompt": cfg.instance_prompt or "",
-        "sd3booth.lora_layers": ",".join(cfg.target_layers),
+        "sd3booth.lora_layers": ",".join(layers),
         "sd3booth.lora_blocks": cfg.lora_blocks or "all",
         "sd3booth.learning_rate": str(cfg.learning_rate),
         "sd3booth.seed": str(cfg.seed),
@@ -74,7 +84,7 @@ def lora_metadata(cfg: TrainConfig, model_root: Path, steps: int) -> dict[str, s
 def save_lora_files(cfg: TrainConfig, net: Any, out: Path, model_root: Path, steps: int) -> Path:
     """pytorch_lora_weights.safetensors (diffusers) always, plus the --lora_format file; returns the latter."""
     dtype = torch.float32 if cfg.upcast_before_saving else PRECISIONS[cfg.save_precision]
-    meta = lora_metadata(cfg, model_root, steps)
+    meta = lora_metadata(cfg, model_root, steps, trained_layers(net))
     path = lora.save_lora(net, out, cfg.rank, cfg.alpha, "diffusers", dtype, meta)
     if cfg.lora_format != "diffusers":
         name = FORMAT_FILES[cfg.lora_format]
@@ -108,6 +118,8 @@ def write_model_card(cfg: TrainConfig, out: Path, model_root: Path, folders: lis
         tags=tags,
     )
     prompt = cfg.validation_prompt or cfg.instance_prompt or "a photo"
+    with safe_open(str(out / lora.LORA_FILE), framework="pt") as f:
+        layers = (f.metadata() or {}).get("sd3booth.lora_layers", "")
     extra = "".join(f"\n- `{f}`: {fmt} layout" for fmt, f in FORMAT_FILES.items() if (out / f).is_file())
     body = f"""
 # {TITLES[variant]} DreamBooth LoRA - {name}
@@ -118,7 +130,7 @@ def write_model_card(cfg: TrainConfig, out: Path, model_root: Path, folders: lis
 
 DreamBooth LoRA weights for `{base}`, trained with sd3booth {__version__}: rank {cfg.rank},
 alpha {cfg.alpha} (folded into the weights, so the file loads with alpha = rank), {steps} steps at
-{cfg.resolution} px, learning rate {cfg.learning_rate}, layers `{",".join(cfg.target_layers)}`.
+{cfg.resolution} px, learning rate {cfg.learning_rate}, layers `{layers}`.
 
 ## Trigger words
 
@@ -133,6 +145,7 @@ Use `{cfg.instance_prompt}` to trigger the image generation.
 
 ```py
 import torch
+from safetensors import safe_open
 from diffusers import StableDiffusion3Pipeline
 
 pipe = StableDiffusion3Pipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
