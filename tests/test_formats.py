@@ -178,7 +178,7 @@ def test_unknown_and_foreign_files_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "notes.safetensors").write_text("not a tensor file")
     assert "not a LoRA layout" in _one_line_error(capsys, ["lora", "info", str(tmp_path / "model.safetensors")])
     assert "for another model" in _one_line_error(capsys, ["lora", "info", str(tmp_path / "sdxl.safetensors")])
-    assert "not a readable" in _one_line_error(capsys, ["lora", "info", str(tmp_path / "notes.safetensors")])
+    assert "damaged" in _one_line_error(capsys, ["lora", "info", str(tmp_path / "notes.safetensors")])
     assert "is a folder" in _one_line_error(capsys, ["lora", "info", str(tmp_path)])
     assert "does not exist" in _one_line_error(capsys, ["lora", "info", str(tmp_path / "nope.safetensors")])
 

@@ -1,18 +1,36 @@
-"""The ``sd3booth`` command: parses arguments and dispatches; the work lives in the stage modules."""
+"""The ``sd3booth`` command: parses arguments and dispatches; the work lives in the stage modules.
+
+Every failure ends in one line on stderr and an exit code: ``error: ...`` and 2 for anything the user can
+cause or meet (bad input, a full or read-only disk, a missing package, no network, out of memory), 130 for
+Ctrl-C, 1 with a pointer to ``--debug`` for an unexpected error (a bug). ``--debug`` (anywhere on the
+command line, or SD3BOOTH_DEBUG=1) prints the traceback too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 from sd3booth import configure_environment, generate_cli, lora_cli
 from sd3booth.config import FIELDS, add_train_arguments, build_config, closest, compat_notes
-from sd3booth.errors import UserError
+from sd3booth.errors import UserError, explain
+
+DEBUG_FLAG = "--debug"
+DEBUG_HELP = "On an error, print the traceback too (also SD3BOOTH_DEBUG=1)."
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one UserError line (exit 2, no usage dump)."""
+    """argparse that reports bad input as one UserError line (exit 2, no usage dump) and never expands an
+    abbreviated flag (``--learning_rat`` is an error naming ``--learning_rate``, not a silent match)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
@@ -93,13 +111,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subs["lora"] = lora_cli.add_parser(sub)
     p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
     p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
+    for p in (root, *subs.values()):
+        p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return root, subs
+
+
+def _cpu_run() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
     cfg = build_config(vars(ns))
     for note in compat_notes(cfg):  # flags of the diffusers script that change nothing here
         print(note, file=sys.stderr)
+    from sd3booth.models.threads import configure_threads
+
+    configure_threads(cfg.num_cpu_threads, _cpu_run())
     if prepare_only:
         from sd3booth.prepare import prepare_command
 
@@ -147,44 +176,60 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from sd3booth.demo import run_demo
+    from sd3booth.models.threads import configure_threads
 
+    configure_threads(None, _cpu_run())
     run_demo(Path(ns.output_dir))
     return 0
+
+
+def _close_progress_bars() -> None:
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
+def _dispatch(argv: list[str], root: argparse.ArgumentParser, subs: dict[str, argparse.ArgumentParser]) -> int:
+    if not argv or argv[0] not in subs:
+        if argv and argv[0] in ("-h", "--help"):
+            root.print_help()
+            return 0
+        if argv:
+            known = list(subs)
+            raise UserError(f"unknown command {argv[0]!r}{closest(argv[0], known)}; commands: {', '.join(known)}")
+        root.print_help()
+        return 2
+    ns = _parse(subs[argv[0]], argv[1:])
+    command = argv[0]
+    if command in ("train", "prepare"):
+        return _cmd_train(ns, prepare_only=command == "prepare")
+    if command == "generate":
+        return generate_cli.run(ns)
+    if command == "lora":
+        return lora_cli.run(ns, subs["lora"])
+    if command == "random-model":
+        return _cmd_random_model(ns)
+    if command == "bench":
+        return _cmd_bench(ns)
+    return _cmd_demo(ns)
 
 
 def main(argv: list[str] | None = None) -> int:
     configure_environment()
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get("SD3BOOTH_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
     root, subs = build_parser()
     try:
-        if not argv or argv[0] not in subs:
-            if argv and argv[0] in ("-h", "--help"):
-                root.print_help()
-                return 0
-            if argv:
-                known = list(subs)
-                raise UserError(f"unknown command {argv[0]!r}{closest(argv[0], known)}; commands: {', '.join(known)}")
-            root.print_help()
-            return 2
-        ns = _parse(subs[argv[0]], argv[1:])
-        command = argv[0]
-        if command in ("train", "prepare"):
-            return _cmd_train(ns, prepare_only=command == "prepare")
-        if command == "generate":
-            return generate_cli.run(ns)
-        if command == "random-model":
-            return _cmd_random_model(ns)
-        if command == "bench":
-            return _cmd_bench(ns)
-        if command == "lora":
-            return lora_cli.run(ns, subs["lora"])
-        return _cmd_demo(ns)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; cached files and saved checkpoints are kept", file=sys.stderr)
-        return 130
+        return _dispatch(argv, root, subs)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure ends in one line
+        code, line = explain(e)
+        _close_progress_bars()  # so the line starts on a line of its own
+        if debug:
+            traceback.print_exception(e, file=sys.stderr)
+        print(line if code == 130 else f"error: {line}", file=sys.stderr)
+        return code
 
 
-__all__ = ["main", "FIELDS"]
+__all__ = ["main", "explain", "FIELDS"]

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from sd3booth.errors import UserError
 from sd3booth.lora_cli import parse_weighted
 
 T5_CHOICES = ["auto", "bf16", "int8", "nf4", "stream", "cpu", "none"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -20,7 +24,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATH[:WEIGHT]",
-        help="A LoRA file (diffusers, kohya or ComfyUI layout) and its weight (default 1.0); repeat to mix several.",
+        help="A LoRA file (diffusers, kohya or ComfyUI layout; or a run's output folder) and its weight (default "
+        "1.0); repeat to mix several.",
     )
     p.add_argument("--prompt", required=True, help="What to draw.")
     p.add_argument("--negative_prompt", default="", help="What to steer away from. [default: none]")
@@ -38,7 +43,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="Image width, a multiple of 16 (default: --resolution).")
     p.add_argument("--height", type=int, help="Image height, a multiple of 16 (default: --resolution).")
     p.add_argument("--resolution", type=int, help="Square size when --width/--height are not given (default: the "
-                   "training resolution, else 1024).")  # fmt: skip
+                   "training resolution, else the model's native size).")  # fmt: skip
     p.add_argument(
         "--max_sequence_length", type=int, help="T5 tokens of the prompt (default: the training run's, else 256)."
     )
@@ -49,7 +54,20 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--output_dir", default="generated", help="Where the PNGs go. [default: generated]")
     p.add_argument("--cache_dir", help="Text-embedding cache (default: OUTPUT_DIR/cache).")
+    p.add_argument(
+        "--num_cpu_threads", type=int, help="CPU threads for torch (default on a CPU-only machine: see train --help)."
+    )
     return p
+
+
+def _lora_spec(spec: str) -> tuple[Path, float]:
+    """``PATH[:WEIGHT]``; PATH may be a run's output folder holding pytorch_lora_weights.safetensors."""
+    path, weight = parse_weighted(spec, "--lora")
+    if path.is_dir():
+        if not (path / LORA_FILE).is_file():
+            raise UserError(f"--lora {path} is a folder without {LORA_FILE}; pass the LoRA file, or a run's folder")
+        path = path / LORA_FILE
+    return path, weight
 
 
 def _run_settings(loras: list[Any]) -> dict[str, Any]:
@@ -60,20 +78,21 @@ def _run_settings(loras: list[Any]) -> dict[str, Any]:
     beside = first.path.parent / "settings.json"
     if beside.is_file():
         try:
-            return json.loads(beside.read_text(encoding="utf-8")).get("settings", {})
-        except json.JSONDecodeError:
-            raise UserError(f"{beside} is not valid JSON; pass --pretrained_model_name_or_path") from None
+            record = json.loads(beside.read_text(encoding="utf-8"))
+            settings = record.get("settings", {}) if isinstance(record, dict) else {}
+            return settings if isinstance(settings, dict) else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            print(f"warning: {beside} cannot be read ({type(e).__name__}); its settings are not used", file=sys.stderr)
     base = first.metadata.get("sd3booth.base_model")
     return {"pretrained_model_name_or_path": base} if base else {}
 
 
-def _check(ns: argparse.Namespace, width: int, height: int, max_len: int) -> None:
-    for flag, v in (("--width", width), ("--height", height)):
-        if v < 16 or v % 16:
-            raise UserError(f"{flag} {v} must be a positive multiple of 16 (VAE factor 8 x patch size 2)")
-    for flag, v in (("--num_images", ns.num_images), ("--num_inference_steps", ns.num_inference_steps)):
-        if v < 1:
-            raise UserError(f"{flag} must be at least 1, got {v}")
+def _check(ns: argparse.Namespace, max_len: int) -> None:
+    for name in ("num_images", "num_inference_steps", "num_cpu_threads", "width", "height", "resolution"):
+        v = getattr(ns, name)
+        if v is not None and (v < 16 or v % 16 if name in ("width", "height", "resolution") else v < 1):
+            want = "a positive multiple of 16 (VAE factor 8 x patch size 2)" if v >= 1 else "at least 1"
+            raise UserError(f"--{name} {v} must be {want}")
     if not 1 <= max_len <= 512:
         raise UserError(f"--max_sequence_length must be between 1 and 512, got {max_len}")
     if ns.guidance_scale < 0:
@@ -84,19 +103,27 @@ def run(ns: argparse.Namespace) -> int:
     from sd3booth.adapters import formats
     from sd3booth.config import TrainConfig
     from sd3booth.models import placement, source
+    from sd3booth.models.threads import configure_threads
     from sd3booth.sample import generate_with_lora
 
     source.quiet_libraries()
-    loras = [(formats.read_lora(p, "--lora"), w) for p, w in (parse_weighted(s, "--lora") for s in ns.lora)]
+    _check(ns, ns.max_sequence_length or 256)
+    loras = [(formats.read_lora(p, "--lora"), w) for p, w in (_lora_spec(s) for s in ns.lora)]
     settings = _run_settings(loras)
     model = ns.pretrained_model_name_or_path or settings.get("pretrained_model_name_or_path")
     if not model:
-        raise UserError("generate: no base model; pass --pretrained_model_name_or_path")
-    resolution = ns.resolution or settings.get("resolution") or 1024
-    width, height = ns.width or resolution, ns.height or resolution
+        raise UserError("generate: no base model: no settings.json beside the LoRA names one; pass "
+                        "--pretrained_model_name_or_path")  # fmt: skip
+    configure_threads(ns.num_cpu_threads, not torch.cuda.is_available())
     max_len = ns.max_sequence_length or settings.get("max_sequence_length") or 256
-    _check(ns, width, height, max_len)
+    _check(ns, max_len)
     files = {k: getattr(ns, k) or settings.get(k) for k in ("clip_l", "clip_g", "t5xxl", "single_file_config")}
+    src = source.resolve_model(model, **files)
+    largest, native = source.resolution_limits(src)  # the default fits the model's position embedding
+    resolution = ns.resolution or settings.get("resolution") or min(x for x in (native or 1024, largest) if x)
+    width, height = ns.width or resolution, ns.height or resolution
+    source.check_resolution(src, width, "--width" if ns.width else "--resolution")
+    source.check_resolution(src, height, "--height" if ns.height else "--resolution")
     # the placement the training run got (its settings, else a default run's), so both share text-cache entries
     run_cfg = TrainConfig(
         pretrained_model_name_or_path=model,
@@ -105,7 +132,6 @@ def run(ns: argparse.Namespace) -> int:
         max_sequence_length=max_len,
         mixed_precision=settings.get("mixed_precision"),
     )
-    src = source.resolve_model(model, **files)
     if not (src.root / "text_encoder_3").is_dir() and run_cfg.t5_precision != "none":
         raise UserError(f"{model} has no T5-XXL encoder: pass --t5xxl FILE or --t5_precision none")
     place = placement.place_run(run_cfg, src.root, placement.detect_device())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -19,6 +20,7 @@ import torch
 from sd3booth import sample
 from sd3booth.cache import latents as cache_latents
 from sd3booth.cache import text as cache_text
+from sd3booth.cache.store import clean_temporaries, tmp_prefix
 from sd3booth.config import TrainConfig
 from sd3booth.data import dataset
 from sd3booth.errors import UserError
@@ -118,6 +120,7 @@ def generate_class_images(
 ) -> None:
     """Generates the missing class images with the base model and keeps them in --class_data_dir."""
     missing = cfg.num_class_images - have
+    clean_temporaries(Path(cfg.class_data_dir or ""))  # of a generation killed last time
     log(f"generating {missing} class image(s) for '{cfg.class_prompt}'")
     emb = cache_text.load_text_embeddings([prompt_key, negative_key], cfg.cache_path, torch.float32)
     transformer = loaders.load_transformer(src, place)
@@ -142,8 +145,11 @@ def generate_class_images(
             batch_size=count,
             autocast_dtype=autocast,
         )
-        for i, img in enumerate(images):
-            img.save(folder / f"class-{tag}-{have + start + i:05d}.png")
+        for i, img in enumerate(images):  # written whole, then renamed: a killed run leaves no half image
+            name = f"class-{tag}-{have + start + i:05d}.png"
+            tmp = folder / f"{tmp_prefix(name)}0.tmp"
+            img.save(tmp, format="PNG")
+            os.replace(tmp, folder / name)
     loaders.free(transformer, vae)
     del pipe, transformer, vae
 

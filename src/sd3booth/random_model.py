@@ -211,7 +211,11 @@ def write_t5_tokenizer(folder: Path) -> Any:
 
 
 def _save(model: Any, folder: Path) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
+    # shards as the published checkpoints have them (T5-XXL: two files of ~5 GB; transformers: diffusers' 10 GB),
+    # so what loading passes through host memory (one mapped shard at a time) is the real amount
+    model.save_pretrained(
+        folder, safe_serialization=True, max_shard_size="5GB" if "text_encoder" in folder.name else "10GB"
+    )
 
 
 def write_random_model(out_dir: str | Path, arch: str = "tiny", seed: int = 0, device: str | None = None) -> Path:

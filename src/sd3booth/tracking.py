@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from sd3booth.cache.store import atomic_write_bytes
+
 
 class Stages:
     """Peak memory and wall time of each named stage of a run: allocated and reserved by PyTorch's allocator,
@@ -93,18 +95,24 @@ class Stages:
         return "\n".join(lines)
 
 
+def _step(line: str) -> int | None:
+    """The step of one metrics line; None for a line torn by a killed run (or not a record)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return int(record.get("step", 0)) if isinstance(record, dict) else None
+
+
 class MetricsFile:
     """Appends one JSON object per logged step to metrics.jsonl (kept across a resume)."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
         if path.exists():  # drop lines from beyond the resume point, so the file tells one story
-            keep = [
-                ln
-                for ln in path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
-            ]
-            path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            keep = [ln for ln in lines if (step := _step(ln)) is not None and step <= resume_step]
+            atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode("utf-8"))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:

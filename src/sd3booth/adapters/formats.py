@@ -213,6 +213,11 @@ def read_lora(path: str | Path, flag: str = "LoRA") -> LoraFile:
         )
     if not p.is_file():
         raise UserError(f"{flag} {p} does not exist; pass a LoRA .safetensors file")
+    from sd3booth.models.files import damage
+
+    reason = damage(p)
+    if reason:
+        raise UserError(f"{flag} {p} is damaged or not a safetensors file ({reason}); pass a whole LoRA file")
     try:
         with safe_open(str(p), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -223,7 +223,14 @@ def speed_model_terms(run: dict[str, Any]) -> tuple[int, int, int]:
 
 
 PROCESS_KEYS = ("runtime_overhead_gib", "compiled_extra_gib")
-HOST_KEYS = ("process_gib", "cuda_libs_gib", "load_transient_gib", "t5_act_per_token_gib", "training_extra_gib")
+HOST_KEYS = (
+    "process_gib",
+    "cuda_libs_gib",
+    "compile_worker_gib",
+    "compile_workers",
+    "t5_act_per_token_gib",
+    "training_extra_gib",
+)
 
 
 def fit_process_host(cal: dict[str, Any], run: dict[str, Any], name: str) -> dict[str, Any]:
@@ -257,7 +264,8 @@ def fit_process_host(cal: dict[str, Any], run: dict[str, Any], name: str) -> dic
         measured = (r.get("stages_host_rss") or {}).get("training")
         if measured:
             swapped = r["plan"]["swap_blocks"] * sizes.block_params * cal["bytes_per_param"][r["plan"]["base"]] / GIB
-            libs.append(measured - h["process_gib"] - swapped - h["load_transient_gib"] - h["training_extra_gib"])
+            workers = h["compile_worker_gib"] * h["compile_workers"] if r["plan"].get("compiled") else 0.0
+            libs.append(measured - h["process_gib"] - swapped - workers - h["training_extra_gib"])
     h["cuda_libs_gib"] = round(statistics.median(libs), 3) if libs else h["cuda_libs_gib"]
     out["host"] = {**{k: h[k] for k in HOST_KEYS}, "source": where}
     return out

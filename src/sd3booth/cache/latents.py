@@ -10,6 +10,7 @@ window in latent space each step (8-pixel granularity), instead of freezing one 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -62,8 +63,10 @@ def ensure_latents(
     The VAE is loaded only if something is missing, and freed before returning.
     """
     store = TensorStore(cache_root / "latents")
+    store.clean_temporaries()  # left by a run killed mid-write
     vae_id = src.identity("vae")
     numerics = f"{str(place.vae_dtype).removeprefix('torch.')}@{place.device.type}"
+    channels = json.loads((src.root / "vae" / "config.json").read_text(encoding="utf-8")).get("latent_channels")
     keys: dict[tuple[str, bool], str] = {}
     todo: list[tuple[dataset.Example, LatentSpec, str]] = []
     for ex in examples:
@@ -71,7 +74,7 @@ def ensure_latents(
         for spec in specs:
             k = latent_key(digest, spec, vae_id, numerics)
             keys[(ex.uid, spec.flip)] = k
-            if not store.has(k):
+            if not store.usable(k, {"mean": (channels, None, None), "std": (channels, None, None)}):
                 todo.append((ex, spec, k))
     if not todo:
         return keys

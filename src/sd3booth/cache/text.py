@@ -60,6 +60,15 @@ def text_key(caption: str, src: ModelSource, place: Placement, max_sequence_leng
     )
 
 
+def expected_text_shapes(src: ModelSource, max_sequence_length: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of a sound entry: 77 CLIP tokens + the T5 tokens, at the transformer's widths."""
+    cfg = json.loads((src.root / "transformer" / "config.json").read_text(encoding="utf-8"))
+    return {
+        "prompt_embeds": (77 + max_sequence_length, cfg["joint_attention_dim"]),
+        "pooled": (cfg["pooled_projection_dim"],),
+    }
+
+
 def _clip_embed(tok, enc, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
     out = enc(ids.input_ids.to(device), output_hidden_states=True)
@@ -104,8 +113,10 @@ def ensure_text_embeddings(
     next one loads; intermediate states wait in CPU memory.
     """
     store = TensorStore(cache_root / "text")
+    store.clean_temporaries()  # left by a run killed mid-write
     keys = {c: text_key(c, src, place, max_sequence_length) for c in dict.fromkeys(captions)}
-    todo = [c for c, k in keys.items() if not store.has(k)]
+    expected = expected_text_shapes(src, max_sequence_length)
+    todo = [c for c, k in keys.items() if not store.usable(k, expected)]
     if not todo:
         return keys
     log(f"encoding {len(todo)} caption(s) ({len(keys) - len(todo)} cached), one text encoder at a time")

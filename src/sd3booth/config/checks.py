@@ -54,6 +54,8 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         bad("--checkpoints_total_limit must be at least 1")
+    if cfg.num_cpu_threads is not None and cfg.num_cpu_threads < 1:
+        bad(f"--num_cpu_threads must be at least 1, got {cfg.num_cpu_threads}")
     if cfg.max_vram is not None and cfg.max_vram <= 0:
         bad(f"--max_vram must be positive GiB, got {cfg.max_vram}")
     if cfg.max_ram is not None and cfg.max_ram <= 0:

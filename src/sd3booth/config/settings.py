@@ -146,6 +146,12 @@ class TrainConfig:
         choices=ATTENTION_BACKENDS,
         group="speed",
     )
+    num_cpu_threads: int | None = _f(
+        None,
+        "CPU threads for torch (default on a CPU-only run: the physical cores this process may use, less those "
+        "other processes keep busy, at most 8; GPU runs keep torch's default).",
+        group="speed",
+    )
     # data
     instance_data_dir: str | None = _f(
         None,

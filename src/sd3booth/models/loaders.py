@@ -163,8 +163,20 @@ def vae_latent_params(src: ModelSource) -> tuple[float, float]:
 
 
 def free(*models: Any) -> None:
-    """Drops references the caller passes in, collects, and returns cached GPU memory to the driver."""
+    """Drops references the caller passes in, collects, and returns cached GPU memory to the driver and freed
+    host memory to the system.
+
+    A streamed T5 keeps its weights in accelerate's offload hooks, which ``.to("meta")`` does not reach: without
+    removing the hooks its 9 GB stayed in host memory for the rest of the run (measured, issue #10)."""
     for m in models:
+        if (
+            isinstance(m, torch.nn.Module)
+            and hasattr(m, "_hf_hook")
+            or any(hasattr(x, "_hf_hook") for x in (m.modules() if isinstance(m, torch.nn.Module) else []))
+        ):
+            from accelerate.hooks import remove_hook_from_module
+
+            remove_hook_from_module(m, recurse=True)
         if (
             m is not None
             and hasattr(m, "to")
@@ -179,6 +191,20 @@ def free(*models: Any) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    _return_host_memory()
+
+
+def _return_host_memory() -> None:
+    """glibc keeps freed heap memory for reuse; malloc_trim hands it back so RSS reflects what is live."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            pass
 
 
 def peak_memory_gib(device: torch.device) -> float:

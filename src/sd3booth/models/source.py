@@ -65,6 +65,33 @@ class ModelSource:
         return h.hexdigest()[:16]
 
 
+def hub_error_message(what: str, e: BaseException) -> str:
+    """One line for a failed hub download: offline, no network, gated, not found, or else."""
+    names = {c.__name__ for c in type(e).__mro__}
+    name = type(e).__name__
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or "OfflineModeIsEnabled" in names:
+        return (
+            f"could not get {what}: HF_HUB_OFFLINE is set and it is not in the Hugging Face cache; unset "
+            "HF_HUB_OFFLINE to download it, or pass a local folder"
+        )
+    if "GatedRepoError" in names:
+        return (
+            f"could not get {what}: it is gated ({name}); accept its licence on huggingface.co, log in with "
+            "`hf auth login` (or set HF_TOKEN), and run again"
+        )
+    if "RepositoryNotFoundError" in names or "RevisionNotFoundError" in names:
+        return (
+            f"could not get {what} ({name}): no such repository or revision, or it is private; check the id "
+            "and --revision, and log in with `hf auth login` if it is private"
+        )
+    if names & {"ConnectionError", "ConnectError", "Timeout", "LocalEntryNotFoundError", "gaierror"}:
+        return f"could not get {what}: no network ({name}); check your connection, or pass a local folder"
+    return (
+        f"could not get {what} from the hub ({name}); check the id, your login (`hf auth login`) and "
+        "network, or pass a local folder"
+    )
+
+
 def resolve_model(
     name_or_path: str,
     revision: str | None = None,
@@ -92,11 +119,8 @@ def resolve_model(
             from huggingface_hub import snapshot_download
 
             p = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=None))
-        except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
-            raise UserError(
-                f"could not get model {name_or_path} from the hub ({type(e).__name__}); "
-                "check the id, your login (huggingface-cli login) and network, or pass a local folder"
-            ) from None
+        except Exception as e:  # noqa: BLE001 - any hub failure ends in one line
+            raise UserError(hub_error_message(f"model {name_or_path}", e)) from None
     index = p / "model_index.json"
     if not index.is_file():
         raise UserError(f"{p} is not a diffusers pipeline folder (no model_index.json); pass an SD3 checkpoint")
@@ -109,7 +133,60 @@ def resolve_model(
     for comp in ("transformer", "vae", "scheduler"):
         if not (p / comp).is_dir():
             raise UserError(f"{p} lacks the '{comp}' folder; the SD3 checkpoint is incomplete")
+    check_weight_files(p)
     return ModelSource(root=p, name=name_or_path, revision=revision, variant=variant)
+
+
+def check_weight_files(root: Path) -> None:
+    """UserError naming the first weight file whose safetensors header is unreadable or whose size does not
+    match it (an interrupted download or copy). Reads headers only."""
+    from sd3booth.models.files import damage
+
+    for comp in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        for f in sorted((root / comp).glob("*.safetensors")) if (root / comp).is_dir() else []:
+            reason = damage(f)
+            if reason:
+                raise UserError(
+                    f"model file {f} is damaged ({reason}); download or copy the model again (for a hub model, "
+                    "delete its folder in the Hugging Face cache first)"
+                )
+
+
+def _configs(src: ModelSource) -> tuple[dict, dict]:
+    def read(component: str) -> dict:
+        try:
+            return json.loads((src.root / component / "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    return read("transformer"), read("vae")
+
+
+def resolution_limits(src: ModelSource) -> tuple[int | None, int | None]:
+    """(largest square image in pixels the transformer's position embedding covers or None if unlimited,
+    its native size) from the transformer's and VAE's configs: pos_embed_max_size (sample_size) latent patches
+    of patch_size latent pixels, each 2^(VAE levels - 1) image pixels."""
+    t, v = _configs(src)
+    scale = 2 ** (len(v.get("block_out_channels") or [0] * 4) - 1)
+    patch = int(t.get("patch_size") or 2)
+    largest = t.get("pos_embed_max_size")
+    native = t.get("sample_size")
+    return (
+        int(largest) * patch * scale if largest else None,
+        int(native) * scale if native else None,
+    )
+
+
+def check_resolution(src: ModelSource, resolution: int, flag: str = "--resolution") -> None:
+    """UserError unless ``resolution`` is a positive multiple of 16 that the model's position embedding covers."""
+    if resolution < 16 or resolution % 16:
+        raise UserError(f"{flag} {resolution} must be a positive multiple of 16 (VAE factor 8 x patch size 2)")
+    largest, _ = resolution_limits(src)
+    if largest is not None and resolution > largest:
+        raise UserError(
+            f"{flag} {resolution} is larger than this model supports ({largest} px: its position embedding "
+            f"covers {largest // 16} x {largest // 16} patches); pass {flag} {largest} or less"
+        )
 
 
 def _single_file(path: Path, variant: str | None, encoders: dict[str, str | None], config: str | None) -> ModelSource:

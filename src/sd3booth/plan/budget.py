@@ -47,29 +47,42 @@ def host_stages(
 ) -> dict[str, float]:
     """Predicted host RSS per stage, GiB.
 
-    Loaders place weights straight on the device (safetensors, device_map), so a resident component passes
-    through host memory one shard at a time (``load_transient_gib``). What stays in host memory:
+    Loaders place weights straight on the device (safetensors, device_map), but the component's weight files
+    are mapped into host memory while it loads (measured: all of its shards at once), so a resident component
+    costs its file size for that moment (exact, from the checkpoint).
+    What stays in host memory:
     * T5 ``stream``: accelerate keeps every layer in host memory and copies each in as it runs (bf16);
       ``cpu``: T5 runs there (bf16 next to a GPU, fp32 on a CPU-only machine);
-    * swapped blocks: their frozen weights, packed into pinned buffers, at the base's storage size.
+    * swapped blocks: their frozen weights, packed into pinned buffers, at the base's storage size;
+    * compiled blocks: inductor's compile workers, while the first step compiles.
     """
     h = cal["host"]
+    swapped = plan.swap_blocks * sizes.block_params * cal["bytes_per_param"].get(plan.base, 2.0) / GIB
     base = h["process_gib"] + (h["cuda_libs_gib"] if on_gpu else 0.0)
-    shard = h["load_transient_gib"]
-    bpp = cal["bytes_per_param"]
+    files = getattr(sizes, "file_bytes", {}) or {}
+    mapped = {k: v / GIB for k, v in files.items()}
     out: dict[str, float] = {}
-    out["CLIP-G"] = base + shard
+    out["CLIP-G"] = base + mapped.get("text_encoder_2", 0.0)
     t5_bytes = sizes.t5_params * (2 if on_gpu else 4)
     if plan.t5 in ("stream", "cpu"):
         out["T5"] = base + t5_bytes / GIB + h["t5_act_per_token_gib"] * t5_len
     elif plan.t5 != "none":
-        out["T5"] = base + shard
-    swapped = plan.swap_blocks * sizes.block_params * bpp.get(plan.base, 2.0) / GIB
-    out["training"] = base + swapped + shard + h["training_extra_gib"]
+        out["T5"] = base + mapped.get("text_encoder_3", 0.0)
+    # a swapped transformer is loaded into host memory (the mapped file and its materialised copy), then packed
+    # into pinned buffers (measured 2026-11-25, 22 of 24 blocks: 11.2 GiB = base + 2 x 3.9 + ~half the pinned)
+    file = mapped.get("transformer", sizes.transformer_params * 2 / GIB)
+    load = 2 * file + swapped / 2 if plan.swap_blocks else file
+    workers = h["compile_worker_gib"] * h["compile_workers"] if plan.compiled else 0.0
+    out["training"] = base + max(load, swapped + workers + h["training_extra_gib"])
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def t5_fp16_extra_gib(sizes: Any, bf16: bool) -> float:
-    """Without bf16, T5 runs in fp16 with its FFN output projections (``wo``) kept in fp32 by transformers,
-    as fp16 overflows there: 2 more bytes for each of those weights."""
-    return 0.0 if bf16 else sizes.t5_wo_params * 2 / GIB
+def t5_fp16_extra_gib(sizes: Any, bf16: bool, mode: str = "bf16") -> float:
+    """Without bf16, T5 runs in fp16 with its FFN output projections (``wo``) kept in fp32 (and unquantised)
+    by transformers, as fp16 overflows there: measured 7.49 GiB for the int8 T5 stage instead of 5.7."""
+    if bf16 or mode not in ("bf16", "int8", "nf4"):
+        return 0.0
+    # bytes the wo weights would have had: bf16 2; int8 measured 2.1 (7.49 - 5.71 GiB on the H100 fp16 run
+    # of 2026-11-25 over 1.007e9 wo weights); nf4 taken as int8 (not measured)
+    stored = {"bf16": 2.0, "int8": 2.1, "nf4": 2.1}[mode]
+    return sizes.t5_wo_params * (4 - stored) / GIB

@@ -132,7 +132,7 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     stages["CLIP-G"] = _weight_gib(sizes.clip_g_params, "bf16", cal) + c["clip_g_act_per8"] * text_units + c["fixed"]
     t5_act = c["t5_act_per8x256"] * text_units * work.t5_len / 256
     if plan.t5 in ("bf16", "int8", "nf4"):
-        fp16_extra = t5_fp16_extra_gib(sizes, work.bf16) if plan.t5 == "bf16" else 0.0
+        fp16_extra = t5_fp16_extra_gib(sizes, work.bf16, plan.t5)
         stages["T5"] = _weight_gib(sizes.t5_params, f"t5_{plan.t5}", cal) + fp16_extra + t5_act + c["fixed"]
     elif plan.t5 == "stream":  # accelerate streams one Linear at a time: a measured constant plus activations
         stages["T5"] = c["t5_stream_base"] + t5_act + c["fixed"]
@@ -320,8 +320,8 @@ def choose(sizes: ModelSizes, work: Workload, limits: Limits | float, cal: dict[
     allocator peak within the card's budget less what the process holds outside the allocator, and the
     host peak within the RAM budget. ``limits`` may be a plain GiB number (GPU only, calibrated overhead).
 
-    Among plans of the same step time the lower peak wins, then T5 fidelity, the larger text batch and
-    whole-image VAE work.
+    Among plans of the same step time T5's fidelity wins, then the lower host peak, the lower GPU peak, the
+    larger text batch and whole-image VAE work.
     """
     limits = limits if isinstance(limits, Limits) else Limits(vram_gib=float(limits))
     fixed = fixed or {}
@@ -340,8 +340,10 @@ def choose(sizes: ModelSizes, work: Workload, limits: Limits | float, cal: dict[
     fits = [p for p in predicted if _fits(p, limits, cal)]
     if not fits:
         raise UserError(_nothing_fits(predicted, limits, work, cal))
-    return min(fits, key=lambda p: (p.predicted_s_per_step, p.peak, T5_ORDER.index(p.t5), -p.text_batch,
-                                    p.vae_tiling))  # fmt: skip
+    # equal speed: T5's fidelity (bf16 on the card, then streamed from host memory, then quantised: RAM that
+    # fits the budget is worth more than embeddings), then the plan lighter on host memory, then on the GPU
+    return min(fits, key=lambda p: (p.predicted_s_per_step, T5_ORDER.index(p.t5), round(p.host_peak, 1), p.peak,
+                                    -p.text_batch, p.vae_tiling))  # fmt: skip
 
 
 def _nothing_fits(predicted: list[Plan], limits: Limits, work: Workload, cal: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # ---- what the checkpoint holds (headers only) ----------------------------------------------------------
@@ -31,6 +31,16 @@ def _tensor_numels(folder: Path, variant: str | None = None) -> dict[str, int]:
     return out
 
 
+_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae")
+
+
+def _file_bytes(folder: Path, variant: str | None) -> int:
+    files = [f for f in folder.glob("*.safetensors") if not variant or f".{variant}." in f.name] or list(
+        folder.glob("*.safetensors")
+    )
+    return sum(f.stat().st_size for f in files)
+
+
 @dataclass(frozen=True)
 class ModelSizes:
     """Parameter counts and shapes that the cost model needs, read from a diffusers SD3 folder."""
@@ -45,6 +55,9 @@ class ModelSizes:
     t5_layer_params: int
     vae_params: int
     t5_wo_params: int = 0  # T5's FFN output projections (kept fp32 when T5 runs in fp16)
+    # the weight files of each component, bytes in all: loading maps them into host memory (measured: every
+    # shard of a component at once, 2026-11-25)
+    file_bytes: dict[str, int] = field(default_factory=dict, compare=False)
 
     @property
     def transformer_params(self) -> int:
@@ -78,4 +91,5 @@ def read_sizes(root: Path, variant: str | None = None) -> ModelSizes:
         clip_g_params=total("text_encoder_2"), t5_params=sum(t5.values()),
         t5_layer_params=max(layer.values()) if layer else 0, vae_params=total("vae"),
         t5_wo_params=sum(n for name, n in t5.items() if ".DenseReluDense.wo." in name),
+        file_bytes={sub: _file_bytes(root / sub, variant) for sub in _COMPONENTS if (root / sub).is_dir()},
     )  # fmt: skip

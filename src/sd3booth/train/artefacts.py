@@ -23,6 +23,7 @@ from sd3booth.errors import UserError
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMAT_FILES = {"kohya": "lora_kohya.safetensors", "comfyui": "lora_comfyui.safetensors"}
+RUN_FILES = (lora.LORA_FILE, *FORMAT_FILES.values(), "README.md")  # what a finished run leaves at the top level
 
 
 TITLES = {"sd3-medium": "SD3 Medium", "sd3.5-medium": "SD3.5 Medium", "sd3.5-large": "SD3.5 Large"}

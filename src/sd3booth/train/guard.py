@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 from sd3booth.errors import UserError
 
@@ -48,3 +49,20 @@ class StepGuard:
                 f"the loss became {loss} by step {step}, so the LoRA weights are no longer finite; nothing was "
                 f"saved after the last checkpoint: {ADVICE}"
             )
+
+
+def out_of_memory_message(stage: str | None, place: Any, explicit: bool) -> str:
+    """One line for an out-of-memory error: the stage, the budget, the planner's prediction, what to try."""
+    stage = stage or "setup"
+    keys = {"text encoder CLIP-L": "CLIP-L", "text encoder CLIP-G": "CLIP-G", "text encoder T5": "T5",
+            "load transformer": "training", "validation": "validation"}  # fmt: skip
+    key = next((v for k, v in keys.items() if stage.startswith(k)), stage)
+    predicted = place.memory.predicted.get(key)
+    guess = f"; the planner predicted {predicted:.2f} GiB allocated for it" if predicted is not None else ""
+    budget = place.budget_gib
+    lower = max(1.0, round(budget - max(1.0, 0.15 * budget), 1))
+    flag = "--max_vram" if explicit else "the default budget"
+    return (
+        f"out of GPU memory in stage '{stage}' with {flag} {budget:.1f} GiB{guess}; nothing saved was lost: "
+        f"try --max_vram {lower:g} (a more frugal plan), and close other programs using the GPU"
+    )

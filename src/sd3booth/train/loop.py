@@ -29,13 +29,13 @@ from sd3booth.errors import UserError
 from sd3booth.models import loaders, memory, placement, source, speed
 from sd3booth.prepare import Prepared, prepare
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
-from sd3booth.train import artefacts, checkpoint
+from sd3booth.train import artefacts, checkpoint, resume
 from sd3booth.train.batch import BatchSource, make_batch, to_device
-from sd3booth.train.guard import StepGuard
+from sd3booth.train.guard import StepGuard, out_of_memory_message
 from sd3booth.train.loss import FlowSettings, flow_matching_loss
 from sd3booth.train.optim import make_lr_scheduler, make_optimizer
 from sd3booth.train.order import DataOrder
-from sd3booth.train.settings import portable_settings, write_settings
+from sd3booth.train.settings import SETTINGS_FILE, RunRecord, portable_settings
 from sd3booth.train.validate import Validator
 from sd3booth.train.verify import verify
 
@@ -76,6 +76,7 @@ class Run:
     resume_path: Path | None = None
     validator: Validator | None = None
     guard: StepGuard | None = None
+    record: RunRecord | None = None  # settings.json, written after each save (main process only)
 
     @property
     def main(self) -> bool:
@@ -96,7 +97,7 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     source.quiet_libraries()
     verify(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.open_output(out)  # created, without the temporaries of a write killed last time
     info = placement.detect_device()
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
     place = placement.place_run(cfg, src.root, info)
@@ -115,24 +116,25 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
         if cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
-        plan = {"budget_gib": place.budget_gib, **place.memory.to_dict()}
+        plan = {"budget_gib": place.budget_gib, "device": info.name, "measured_overhead_gib": info.overhead_gib,
+                **place.memory.to_dict()}  # fmt: skip
         (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     return Run(cfg, out, accelerator, place, Stages(place.device), say)
 
 
 def _caches(run: Run) -> None:
     """Every caching stage (main process first; the others then find everything cached), then the folder
-    becomes this run's: only now are old outputs replaced and settings.json written."""
+    becomes this run's: only now are old outputs replaced (settings.json: after each save, see train/settings)."""
     cfg, out = run.cfg, run.out
     noop = lambda name: contextlib.nullcontext()  # noqa: E731
     with run.accelerator.main_process_first():
         prep = prepare(cfg, run.place, run.say, run.stages.stage if run.main else noop)
     if run.main:
         if cfg.overwrite_output_dir and not run.resume_path:
-            for stale in ("checkpoints", "validation", "metrics.jsonl"):  # the old run's; the cache stays
+            for stale in ("checkpoints", "validation", "metrics.jsonl", SETTINGS_FILE, *artefacts.RUN_FILES):  # old
                 p = out / stale
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        write_settings(cfg, out)
+        run.record = RunRecord.begin(cfg, out, prep.instances, run.resume_path)
     text = cache_text.load_text_embeddings(prep.text_keys.values(), cfg.cache_path, run.place.weight_dtype)
     lat = cache_latents.load_latents(list(prep.latent_keys.values()), cfg.cache_path)
     items = [i for i in range(len(prep.instances)) for _ in range(cfg.repeats)]
@@ -203,12 +205,14 @@ def _optimization(run: Run) -> None:
 def _resume(run: Run) -> None:
     if not run.resume_path:
         return
+    base_lrs = list(run.lr_scheduler.base_lrs)  # this run's rate, before the checkpoint's replaces it
     start, state, trainer_state, _meta = checkpoint.load(run.resume_path)
     lora.load_lora_state(run.accelerator.unwrap_model(run.transformer), state, str(run.resume_path))
     for p in run.params:
         p.data = p.data.float()
     run.optimizer.optimizer.load_state_dict(trainer_state["optimizer"])
     run.lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+    resume.apply_learning_rate(run.optimizer.optimizer, run.lr_scheduler, base_lrs)  # a new rate/schedule applies
     if run.accelerator.scaler is not None and trainer_state.get("scaler"):
         run.accelerator.scaler.load_state_dict(trainer_state["scaler"])
     run.start = start
@@ -316,6 +320,7 @@ def _checkpoint(run: Run, step: int) -> None:
         run.lr_scheduler, run.accelerator.scaler, cfg.rank, cfg.alpha, {"settings": portable_settings(cfg)},
         cfg.checkpoints_total_limit, run.out,
     )  # fmt: skip
+    run.record.save(step)
 
 
 def loop(run: Run) -> tuple[int, float | None, list[float]]:
@@ -343,6 +348,8 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
             step, n = step + 1, n + 1
             bar.update(1)
             profiler.step(step - start)
+            if run.compiled and step == start + 1:  # every block variant is compiled by the end of step 1
+                run.compiled.done_compiling()
             # a compiled run logs its first step alone: its time is mostly compilation
             if step % cfg.logging_steps == 0 or step == run.max_steps or (run.compiled and step == start + 1):
                 last_loss = (run.accelerator.reduce(loss_sum, "mean") / n).item()  # the only host sync
@@ -378,6 +385,7 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
     if run.main:
         net = run.accelerator.unwrap_model(run.transformer)
         lora_path = artefacts.save_lora_files(run.cfg, net, run.out, run.prep.src.root, step)
+        run.record.save(step, finished=True)
         folders = run.validator.folders if run.validator else []
         if run.start < run.max_steps or not any(d.name == f"step-{step}" for d in folders):
             _validate(run, step)
@@ -401,20 +409,3 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         raise UserError(out_of_memory_message(stage, run.place, cfg.max_vram is not None)) from None
     finally:
         run.stages.close()
-
-
-def out_of_memory_message(stage: str | None, place: placement.Placement, explicit: bool) -> str:
-    """One line for an out-of-memory error: the stage, the budget, the planner's prediction, what to try."""
-    stage = stage or "setup"
-    keys = {"text encoder CLIP-L": "CLIP-L", "text encoder CLIP-G": "CLIP-G", "text encoder T5": "T5",
-            "load transformer": "training", "validation": "validation"}  # fmt: skip
-    key = next((v for k, v in keys.items() if stage.startswith(k)), stage)
-    predicted = place.memory.predicted.get(key)
-    guess = f"; the planner predicted {predicted:.2f} GiB allocated for it" if predicted is not None else ""
-    budget = place.budget_gib
-    lower = max(1.0, round(budget - max(1.0, 0.15 * budget), 1))
-    flag = "--max_vram" if explicit else "the default budget"
-    return (
-        f"out of GPU memory in stage '{stage}' with {flag} {budget:.1f} GiB{guess}; nothing saved was lost: "
-        f"try --max_vram {lower:g} (a more frugal plan), and close other programs using the GPU"
-    )

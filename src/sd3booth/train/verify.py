@@ -12,7 +12,7 @@ from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models import source
 from sd3booth.prepare import scan_data
-from sd3booth.train import checkpoint
+from sd3booth.train import checkpoint, preflight
 from sd3booth.train.artefacts import offline_message
 from sd3booth.train.settings import SETTINGS_FILE
 
@@ -77,3 +77,4 @@ def verify(cfg: TrainConfig) -> None:
         if not cfg.lora_layers:
             return
     lora.resolve_targets(skeleton, cfg.target_layers, cfg.target_blocks)
+    preflight.check(cfg, src)  # writable folders, packages, resolution, a strict resume (train/preflight.py)
