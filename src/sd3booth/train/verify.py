@@ -74,7 +74,6 @@ def verify(cfg: TrainConfig) -> None:
             )
         modules = init_lora.read_init(cfg.init_lora)
         init_lora.check_fits(skeleton, modules, cfg.target_layers if cfg.lora_layers else None, cfg.init_lora)
-        if not cfg.lora_layers:
-            return
-    lora.resolve_targets(skeleton, cfg.target_layers, cfg.target_blocks)
+    if cfg.lora_layers or not cfg.init_lora:  # without --lora_layers an --init_lora run trains the file's layers
+        lora.resolve_targets(skeleton, cfg.target_layers, cfg.target_blocks)
     preflight.check(cfg, src)  # writable folders, packages, resolution, a strict resume (train/preflight.py)
