@@ -1,5 +1,9 @@
 """Shared by the LoRA format and tool tests: a trained-looking LoRA on the tiny model."""
 
+import os
+import tempfile
+from pathlib import Path
+
 import torch
 from diffusers import SD3Transformer2DModel
 
@@ -26,4 +30,7 @@ def write_trained_lora(tiny_model, path, layers=ALL_LINEAR, rank=4, alpha=8, see
     for n, p in net.named_parameters():
         if "lora_" in n:
             p.data = torch.randn(p.shape, generator=g) * 0.2
-    return lora.save_lora(net, path.parent, rank, alpha, name=path.name)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        written = lora.save_lora(net, Path(tmp), rank, alpha)
+        os.replace(written, path)
+    return path

@@ -181,10 +181,10 @@ LAYERS = [
     {"adapters"},
     {"sample"},
     {"prepare"},
-    {"train"},
+    {"train", "report"},
     {"random_model", "demo", "single_file_writer"},
     {"bench"},
-    {"cli", "__main__", "lora_cli", "generate_cli"},
+    {"cli", "__main__", "init_wizard", "lora_cli", "generate_cli"},
 ]
 
 

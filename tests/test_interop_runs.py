@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sd3booth.adapters import formats
+from sd3booth.adapters import layouts
 from sd3booth.cli import main
 from sd3booth.data.dataset import write_demo_like_dataset
 
@@ -60,7 +60,7 @@ def _one_line(capsys, argv):
 
 def test_generate_input_errors_are_one_line(tiny_model, tmp_path, capsys):
     a = write_trained_lora(tiny_model, tmp_path / "a.safetensors", layers=["attn.to_q"])
-    d = formats.read_lora(a).modules["transformer.transformer_blocks.0.attn.to_q"]
+    d = layouts.read_lora(a).modules["transformer.transformer_blocks.0.attn.to_q"]
     foreign = tmp_path / "sd35.safetensors"  # block 30: a LoRA of a deeper SD3
     save_file({"transformer.transformer_blocks.30.attn.to_q.lora_A.weight": d[0],
                "transformer.transformer_blocks.30.attn.to_q.lora_B.weight": d[1]}, foreign)  # fmt: skip
@@ -96,15 +96,15 @@ def test_init_lora_starts_from_a_kohya_file(tiny_model, tmp_path, capsys, rank):
            "--save_precision", "fp32", "--lora_alpha", "16")  # fmt: skip
     printed = capsys.readouterr().out
     assert "starting from --init_lora: 4 layers of rank 4" in printed and (("cut to rank 2" in printed) == (rank == 2))
-    start = formats.read_lora(src).modules
-    trained = formats.read_lora(out / "pytorch_lora_weights.safetensors").modules
+    start = layouts.read_lora(src).modules
+    trained = layouts.read_lora(out / "pytorch_lora_weights.safetensors").modules
     assert set(trained) == set(start)  # the file's layers, not the default attention set
     for name, (d, u) in start.items():
-        want = formats.delta(d, u)
+        want = layouts.delta(d, u)
         if rank == 2:
             uu, s, vh = torch.linalg.svd(want.double(), full_matrices=False)
             want = ((uu[:, :2] * s[:2]) @ vh[:2]).float()
-        torch.testing.assert_close(formats.delta(*trained[name]), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layouts.delta(*trained[name]), want, rtol=1e-4, atol=1e-5)
 
 
 def test_init_lora_outside_lora_layers_is_one_line(tiny_model, tmp_path, capsys):
@@ -140,12 +140,12 @@ def test_what_a_run_leaves(tiny_model, tmp_path, monkeypatch):
     assert meta["sd3booth.steps"] == "1" and meta["sd3booth.instance_prompt"] == "a photo of sks toy"
     assert meta["sd3booth.resolution"] == "64" and meta["sd3booth.type"] == "lora" and "sd3booth.version" in meta
     assert meta["modelspec.architecture"] == "stable-diffusion-3-medium/lora" and meta["ss_network_dim"] == "4"
-    comfy = formats.read_lora(out / "lora_comfyui.safetensors")
+    comfy = layouts.read_lora(out / "lora_comfyui.safetensors")
     assert comfy.format == "comfyui"
-    for name, (d, u) in formats.read_lora(path).modules.items():
+    for name, (d, u) in layouts.read_lora(path).modules.items():
         # the last block's context query gets no gradient (its output is dropped): zero there, left out on split
-        got = formats.delta(*comfy.modules[name]) if name in comfy.modules else torch.zeros(u.shape[0], d.shape[1])
-        torch.testing.assert_close(got, formats.delta(d, u), rtol=1e-2, atol=1e-3)
+        got = layouts.delta(*comfy.modules[name]) if name in comfy.modules else torch.zeros(u.shape[0], d.shape[1])
+        torch.testing.assert_close(got, layouts.delta(d, u), rtol=1e-2, atol=1e-3)
     card = ModelCard.load(out / "README.md")
     assert card.data.instance_prompt == "a photo of sks toy" and "lora" in card.data.tags
     urls = [w["output"]["url"] for w in card.data.widget]

@@ -9,7 +9,7 @@ import torch
 from lora_helpers import write_trained_lora
 from safetensors.torch import load_file, save_file
 
-from sd3booth.adapters import formats
+from sd3booth.adapters import layouts
 from sd3booth.cli import main
 from sd3booth.single_file_writer import write_single_file
 
@@ -17,7 +17,7 @@ ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 
 
 def _dense(path):
-    return {n: formats.delta(d, u) for n, (d, u) in formats.read_lora(path).modules.items()}
+    return {n: layouts.delta(d, u) for n, (d, u) in layouts.read_lora(path).modules.items()}
 
 
 def _truncated(m, r):
@@ -42,7 +42,7 @@ def test_merge_is_the_exact_weighted_sum_and_truncates_like_dense_svd(tiny_model
     assert set(merged) == set(exact)
     for n in exact:
         torch.testing.assert_close(merged[n], exact[n].float(), rtol=1e-4, atol=1e-5)
-    assert formats.read_lora(out).ranks == [2, 4, 6]  # the exact rank of each sum
+    assert layouts.read_lora(out).ranks == [2, 4, 6]  # the exact rank of each sum
     capsys.readouterr()
     out2 = tmp_path / "m2.safetensors"
     assert (
@@ -73,7 +73,7 @@ def test_resize_by_rank_and_by_energy(tiny_model, tmp_path, capsys):
     assert abs(_reported(capsys.readouterr().out, "relative error") - (err2 / tot2) ** 0.5) < 1e-4
     out = tmp_path / "e.safetensors"
     assert main(["lora", "resize", str(src), "--energy", "0.9", "-o", str(out), "--to", "comfyui"]) == 0
-    lf = formats.read_lora(out)
+    lf = layouts.read_lora(out)
     for n, (d, _u) in lf.modules.items():
         s = torch.linalg.svdvals(exact[n].double())
         share = torch.cumsum(s**2, 0) / (s**2).sum()

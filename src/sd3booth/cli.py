@@ -111,9 +111,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subs["lora"] = lora_cli.add_parser(sub)
     p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
     p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
+    _add_first_hour_commands(sub, subs)
     for p in (root, *subs.values()):
         p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return root, subs
+
+
+def _add_first_hour_commands(sub: Any, subs: dict[str, argparse.ArgumentParser]) -> None:
+    p = subs["init"] = sub.add_parser("init", help="A few questions, then a commented config file for train.")
+    p.add_argument("dir", nargs="?", default=".", help="Where sd3booth.toml (and the run's output) go. [default: .]")
+    p.add_argument("--yes", action="store_true", help="Take every default without asking.")
+    p = subs["report"] = sub.add_parser("report", help="Rebuild OUTPUT_DIR/report.html of a run folder.")
+    p.add_argument("output_dir", help="The --output_dir of a training run.")
 
 
 def _cpu_run() -> bool:
@@ -138,7 +147,11 @@ def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
 
     result = loop.train(cfg)
     if result.lora_path is not None:  # None on the non-main processes of a multi-GPU run
-        print(f"LoRA: {result.lora_path}")
+        from sd3booth.report import REPORT_FILE, generate_command
+
+        print(f"LoRA:   {result.lora_path}")
+        print(f"report: {result.output_dir / REPORT_FILE}")
+        print(f"draw:   {generate_command(result.output_dir, cfg.to_dict())}")
     return 0
 
 
@@ -212,6 +225,16 @@ def _dispatch(argv: list[str], root: argparse.ArgumentParser, subs: dict[str, ar
         return _cmd_random_model(ns)
     if command == "bench":
         return _cmd_bench(ns)
+    if command == "init":
+        from sd3booth.init_wizard import run_init
+
+        run_init(Path(ns.dir), ns.yes)
+        return 0
+    if command == "report":
+        from sd3booth.report import report_command
+
+        print(report_command(Path(ns.output_dir)))
+        return 0
     return _cmd_demo(ns)
 
 

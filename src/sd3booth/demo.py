@@ -44,6 +44,7 @@ def demo_config(out: Path, model_dir: Path, data_dir: Path) -> TrainConfig:
 def run_demo(out: Path) -> Path:
     from sd3booth.models import source
     from sd3booth.random_model import write_random_model
+    from sd3booth.report import generate_command
     from sd3booth.train import loop
 
     source.quiet_libraries()
@@ -67,8 +68,10 @@ def run_demo(out: Path) -> Path:
         f"  metrics           {Path(cfg.output_dir) / 'metrics.jsonl'} (TensorBoard: {Path(cfg.output_dir) / 'logs'})"
     )
     print(f"  class images      {cfg.class_data_dir}")
+    print(f"  report            {Path(cfg.output_dir) / 'report.html'} (open it in a browser)")
     print("  stages:")
     for r in result.stages:
         print(f"    {r['stage']:<26} {r['seconds']:7.2f} s")
     print("The model is random, so the images are noise; point --pretrained_model_name_or_path at SD3 for real ones.")
+    print(f"Draw with the LoRA: {generate_command(result.output_dir, cfg.to_dict())}")
     return result.lora_path

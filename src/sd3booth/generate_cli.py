@@ -70,12 +70,11 @@ def _lora_spec(spec: str) -> tuple[Path, float]:
     return path, weight
 
 
-def _run_settings(loras: list[Any]) -> dict[str, Any]:
+def _run_settings(first: Path | None, metadata: dict[str, str]) -> dict[str, Any]:
     """The training run's settings: settings.json beside the first LoRA, else the base model in its metadata."""
-    if not loras:
+    if first is None:
         return {}
-    first = loras[0][0]
-    beside = first.path.parent / "settings.json"
+    beside = first.parent / "settings.json"
     if beside.is_file():
         try:
             record = json.loads(beside.read_text(encoding="utf-8"))
@@ -83,7 +82,7 @@ def _run_settings(loras: list[Any]) -> dict[str, Any]:
             return settings if isinstance(settings, dict) else {}
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             print(f"warning: {beside} cannot be read ({type(e).__name__}); its settings are not used", file=sys.stderr)
-    base = first.metadata.get("sd3booth.base_model")
+    base = metadata.get("sd3booth.base_model")
     return {"pretrained_model_name_or_path": base} if base else {}
 
 
@@ -100,7 +99,7 @@ def _check(ns: argparse.Namespace, max_len: int) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from sd3booth.adapters import formats
+    from sd3booth.adapters import layouts
     from sd3booth.config import TrainConfig
     from sd3booth.models import placement, source
     from sd3booth.models.threads import configure_threads
@@ -108,8 +107,9 @@ def run(ns: argparse.Namespace) -> int:
 
     source.quiet_libraries()
     _check(ns, ns.max_sequence_length or 256)
-    loras = [(formats.read_lora(p, "--lora"), w) for p, w in (_lora_spec(s) for s in ns.lora)]
-    settings = _run_settings(loras)
+    loras = [_lora_spec(s) for s in ns.lora]
+    metas = [layouts.open_state(p, "--lora")[1] for p, _w in loras]  # every file checked before a model loads
+    settings = _run_settings(loras[0][0] if loras else None, metas[0] if metas else {})
     model = ns.pretrained_model_name_or_path or settings.get("pretrained_model_name_or_path")
     if not model:
         raise UserError("generate: no base model: no settings.json beside the LoRA names one; pass "

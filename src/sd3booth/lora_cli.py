@@ -1,5 +1,5 @@
 """``sd3booth lora info|convert|merge|resize|extract``: the LoRA tools' command line (maths in adapters.tools,
-file layouts in adapters.formats)."""
+file layouts in adapters.layouts)."""
 
 from __future__ import annotations
 
@@ -107,49 +107,49 @@ def _meta(extra: dict[str, Any]) -> dict[str, str]:
 
 
 def _info(ns: argparse.Namespace) -> None:
-    from sd3booth.adapters import formats, tools
+    from sd3booth.adapters import layouts, tools
 
-    for line in tools.describe(formats.read_lora(ns.file)):
+    for line in tools.describe(layouts.read_lora(ns.file)):
         print(line)
 
 
 def _convert(ns: argparse.Namespace) -> None:
-    from sd3booth.adapters import formats
+    from sd3booth.adapters import layouts
 
-    lf = formats.read_lora(ns.input)
+    lf = layouts.read_lora(ns.input)
     meta = {**lf.metadata, **_meta({"sd3booth.converted_from": f"{lf.path.name} ({lf.format})"})}
     meta.pop("lora_adapter_metadata", None)  # the scale is folded in now
-    out = formats.write_lora(lf.modules, Path(ns.output), ns.to, _dtype(ns, lf.dtype), meta)
+    out = layouts.write_lora(lf.modules, Path(ns.output), ns.to, _dtype(ns, lf.dtype), meta)
     print(f"{lf.format} -> {ns.to}: {len(lf.modules)} layers written to {out}")
 
 
 def _merge(ns: argparse.Namespace) -> None:
-    from sd3booth.adapters import formats, tools
+    from sd3booth.adapters import layouts, tools
 
     inputs = [parse_weighted(s, "merge") for s in ns.inputs]
-    files = [(formats.read_lora(p), w) for p, w in inputs]
+    files = [(layouts.read_lora(p), w) for p, w in inputs]
     modules, report = tools.merge([(lf.modules, w) for lf, w in files], ns.rank, ns.energy)
     merged_from = [{"file": lf.path.name, "format": lf.format, "weight": w} for lf, w in files]
     meta = _meta({"sd3booth.merged_from": merged_from, "sd3booth.type": "lora"})
-    out = formats.write_lora(modules, Path(ns.output), ns.to, _dtype(ns, files[0][0].dtype), meta)
+    out = layouts.write_lora(modules, Path(ns.output), ns.to, _dtype(ns, files[0][0].dtype), meta)
     print(f"merged {len(files)} LoRA(s): {report.describe()}")
     print(f"written to {out}")
 
 
 def _resize(ns: argparse.Namespace) -> None:
-    from sd3booth.adapters import formats, tools
+    from sd3booth.adapters import layouts, tools
 
-    lf = formats.read_lora(ns.input)
+    lf = layouts.read_lora(ns.input)
     modules, report = tools.resize(lf.modules, ns.rank, ns.energy)
     meta = {**lf.metadata, **_meta({"sd3booth.resized_from": f"{lf.path.name} (rank {lf.ranks})"})}
     meta.pop("lora_adapter_metadata", None)
-    out = formats.write_lora(modules, Path(ns.output), ns.to, _dtype(ns, lf.dtype), meta)
+    out = layouts.write_lora(modules, Path(ns.output), ns.to, _dtype(ns, lf.dtype), meta)
     print(f"resized: {report.describe()}")
     print(f"written to {out}")
 
 
 def _extract(ns: argparse.Namespace) -> None:
-    from sd3booth.adapters import formats, tools
+    from sd3booth.adapters import layouts, tools
     from sd3booth.models.weights import TransformerWeights, matching
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if ns.device == "auto" else None
@@ -164,7 +164,7 @@ def _extract(ns: argparse.Namespace) -> None:
     if not modules:
         raise UserError(f"--tuned {ns.tuned} equals --base in all {len(names)} chosen layers; nothing to extract")
     meta = _meta({"sd3booth.extracted_from": {"base": ns.base, "tuned": ns.tuned}, "sd3booth.type": "lora"})
-    out = formats.write_lora(modules, Path(ns.output), ns.to, _dtype(ns, torch.bfloat16), meta)
+    out = layouts.write_lora(modules, Path(ns.output), ns.to, _dtype(ns, torch.bfloat16), meta)
     print(f"extracted on {device}: {report.describe()}; {len(unchanged)} layer(s) unchanged")
     print(f"written to {out}")
 

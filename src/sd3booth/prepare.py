@@ -172,7 +172,7 @@ def prepare(
     text_keys = cache_text.ensure_text_embeddings(
         captions, src, place, cfg.cache_path, cfg.max_sequence_length, log, stage
     )
-    if cfg.with_prior_preservation:
+    if cfg.class_images:  # --prior_preservation_mode base_model needs the class prompt's embedding only
         classes = dataset.scan_class_images(Path(cfg.class_data_dir or ""), cfg.class_prompt or "")
         if len(classes) < cfg.num_class_images:
             with stage("class images"):

@@ -90,51 +90,9 @@ def save_images(images: list[Any], folder: Path, prefix: str = "") -> list[Path]
     return paths
 
 
-def apply_loras(pipe: Any, loras: list[tuple[Any, float]], log: Any = print) -> int:
-    """Loads each (LoraFile, weight) into the pipeline's transformer as its own adapter, then sets the weights.
-
-    Every layer of every file is checked against this transformer first (name and shape), and the adapters are
-    counted afterwards, so a LoRA that fits nothing is an error, never a silent no-op (diffusers only logs).
-    Returns the number of LoRA layers applied.
-    """
-    from sd3booth.adapters import formats
-    from sd3booth.errors import UserError
-
-    linears = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-    names, weights, applied = [], [], 0
-    for i, (lf, weight) in enumerate(loras):
-        layers = {k: v for k, v in lf.modules.items() if k.startswith("transformer.")}
-        if len(layers) < len(lf.modules):
-            log(
-                f"note: {lf.path.name}: {len(lf.modules) - len(layers)} text-encoder layer(s) not applied (prompts "
-                "come from the text cache, encoded without LoRA)"
-            )
-        bad = [
-            k for k, (d, u) in layers.items()
-            if k.removeprefix("transformer.") not in linears
-            or tuple(linears[k.removeprefix("transformer.")].weight.shape) != (u.shape[0], d.shape[1])
-        ]  # fmt: skip
-        if bad or not layers:
-            raise UserError(
-                f"--lora {lf.path}: {len(bad)} of its {len(layers)} transformer layers do not fit this model "
-                f"(e.g. {(bad or list(lf.modules))[0]}); is it a LoRA for another SD3 model?"
-            )
-        name = f"lora{i}"
-        pipe.load_lora_weights(formats.to_state_dict(layers, "diffusers"), adapter_name=name)
-        found = sum(1 for _n, m in pipe.transformer.named_modules() if name in (getattr(m, "lora_A", None) or {}))
-        if found != len(layers):
-            raise UserError(f"--lora {lf.path}: only {found} of its {len(layers)} layers were applied")
-        names.append(name)
-        weights.append(weight)
-        applied += found
-    if names:
-        pipe.set_adapters(names, adapter_weights=weights)
-    return applied
-
-
 def generate_with_lora(
     src: Any,
-    loras: list[tuple[Any, float]],
+    loras: list[tuple[Path, float]],
     prompt: str,
     negative_prompt: str,
     out_dir: Path,
@@ -159,14 +117,21 @@ def generate_with_lora(
     pipe = make_pipeline(
         loaders.load_transformer(src, place), loaders.load_vae(src, place), loaders.load_scheduler(src)
     )
+    positive, negative = emb[keys[prompt]], emb[keys[negative_prompt]]
     if loras:
-        n = apply_loras(pipe, loras, log)
-        log(f"applied {len(loras)} LoRA(s), {n} layers, weights {', '.join(f'{w:g}' for _, w in loras)}")
+        from sd3booth.adapters.mix import apply_loras
+
+        n, text_lora = apply_loras(pipe, loras, log)
+        log(f"applied {len(loras)} adapter file(s), {n} layers, weights {', '.join(f'{w:g}' for _, w in loras)}")
+        if text_lora:  # the CLIP part of both prompts through the files' text-encoder LoRA; T5's from the cache
+            positive, negative = _encode_with_text_lora(
+                src, place, text_lora, (prompt, negative_prompt), (positive, negative)
+            )
     autocast = place.weight_dtype if place.weight_dtype != torch.float32 else None
     images = generate(
         pipe,
-        emb[keys[prompt]],
-        emb[keys[negative_prompt]],
+        positive,
+        negative,
         num_images,
         seed,
         size,
@@ -176,3 +141,24 @@ def generate_with_lora(
         autocast_dtype=autocast,
     )
     return save_images(images, out_dir, prefix="image-")
+
+
+def _encode_with_text_lora(
+    src: Any, place: Placement, text_lora: dict[str, Any], prompts: tuple[str, str],
+    cached: tuple[TextEmbedding, TextEmbedding],
+) -> tuple[TextEmbedding, TextEmbedding]:  # fmt: skip
+    from sd3booth.adapters import text_encoder as clip_lora
+    from sd3booth.models import loaders
+
+    tokenizers, encoders = [], []
+    for index, name in enumerate(clip_lora.NAMES, start=1):
+        tok, enc = loaders.load_text_encoder(src, index, place)
+        if name in text_lora:
+            clip_lora.lora_from_state(enc, text_lora[name])
+        tokenizers.append(tok)
+        encoders.append(enc)
+    text = clip_lora.TextEncoders(encoders, place.device, clip_lora.token_ids(tokenizers, list(prompts)))
+    with torch.autocast(place.device.type, dtype=place.text_dtype, enabled=place.text_dtype != torch.float32):
+        out = text.embedding(prompts[0], cached[0]), text.embedding(prompts[1], cached[1])
+    loaders.free(*encoders)
+    return out

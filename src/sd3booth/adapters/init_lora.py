@@ -11,20 +11,20 @@ from __future__ import annotations
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from sd3booth.adapters import formats, tools
+from sd3booth.adapters import layouts, tools
 from sd3booth.errors import UserError
 
 
-def read_init(path: str) -> formats.Modules:
+def read_init(path: str) -> layouts.Modules:
     """The transformer layers of the file (module name without the ``transformer.`` prefix)."""
-    lf = formats.read_lora(path, "--init_lora")
+    lf = layouts.read_lora(path, "--init_lora")
     modules = {k.removeprefix("transformer."): v for k, v in lf.modules.items() if k.startswith("transformer.")}
     if not modules:
         raise UserError(f"--init_lora {path} has no transformer layers (only text-encoder ones); nothing to start from")
     return modules
 
 
-def check_fits(net: torch.nn.Module, modules: formats.Modules, targets: list[str] | None, path: str) -> None:
+def check_fits(net: torch.nn.Module, modules: layouts.Modules, targets: list[str] | None, path: str) -> None:
     """Every layer of the file must be a Linear of this transformer with the same shape, and (when --lora_layers
     is given) one of the trained targets."""
     linears = {n: m for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -63,7 +63,7 @@ def fit_rank(
     return down.float(), up.float(), 1.0
 
 
-def apply_init(net: torch.nn.Module, modules: formats.Modules, rank: int, alpha: int, seed: int) -> str:
+def apply_init(net: torch.nn.Module, modules: layouts.Modules, rank: int, alpha: int, seed: int) -> str:
     """Sets the adapter's weights from the file; returns the line to report."""
     state = get_peft_model_state_dict(net)
     g = torch.Generator().manual_seed(seed)  # its own generator: the run's random streams are untouched

@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from sd3booth.adapters import formats
+from sd3booth.adapters.build import AdapterSpec, add_adapter
 from sd3booth.errors import UserError
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_FILE = formats.LORA_FILE
 
 
 def resolve_targets(transformer: torch.nn.Module, layers: list[str], blocks: list[int] | None) -> list[str]:
@@ -48,14 +49,7 @@ def add_lora(
     transformer: torch.nn.Module, rank: int, alpha: int, dropout: float, targets: list[str]
 ) -> list[torch.nn.Parameter]:
     """Adds a trainable LoRA (Gaussian A, zero B, as the reference); returns its parameters, cast to fp32."""
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
-    )
-    transformer.add_adapter(config)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # LoRA weights and optimizer state in fp32, whatever the base precision
-    return params
+    return add_adapter(transformer, AdapterSpec("lora", rank, alpha, dropout), targets)
 
 
 def lora_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -72,38 +66,15 @@ def load_lora_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor]
     if unexpected or missing:
         raise UserError(
             f"{source} does not fit this LoRA setup ({len(missing)} missing, {len(unexpected)} unexpected keys); "
-            "resume with the same --rank, --lora_layers and --lora_blocks"
+            "resume with the same --lora_type, --rank, --lora_layers and --lora_blocks"
         )
 
 
 def export_state_dict(transformer: torch.nn.Module, rank: int, alpha: int) -> dict[str, torch.Tensor]:
     """Weights for the diffusers file: alpha/rank folded into lora_B so loaders assuming alpha = rank agree."""
-    scale = alpha / rank
-    out = {}
-    for k, v in get_peft_model_state_dict(transformer).items():
-        v = v.detach().float().cpu()
-        out[k] = v * scale if scale != 1.0 and ".lora_B." in k else v.clone()
-    return out
+    return formats.lora_layers(transformer, AdapterSpec("lora", rank, alpha))
 
 
-def save_lora(
-    transformer: torch.nn.Module,
-    out_dir: Path,
-    rank: int,
-    alpha: int,
-    fmt: str = "diffusers",
-    dtype: torch.dtype = torch.float32,
-    metadata: dict[str, str] | None = None,
-    name: str = LORA_FILE,
-) -> Path:
-    """Writes the adapter as ``out_dir/name`` in ``fmt`` (adapters.formats; diffusers: keys
-    ``transformer.…lora_A/B.weight``, written by diffusers), alpha folded in, in ``dtype``."""
-    from sd3booth.adapters.formats import write_lora
-
-    modules = {}
-    state = export_state_dict(transformer, rank, alpha)
-    for key, a in state.items():
-        if ".lora_A." in key:
-            module = key.split(".lora_A.")[0]
-            modules[f"transformer.{module}"] = (a, state[key.replace(".lora_A.", ".lora_B.")])
-    return write_lora(modules, Path(out_dir) / name, fmt, dtype, metadata)
+def save_lora(transformer: torch.nn.Module, out_dir: Path, rank: int, alpha: int) -> Path:
+    """Writes ``pytorch_lora_weights.safetensors`` (keys ``transformer.…lora_A/B.weight``) via diffusers."""
+    return formats.save_adapter(out_dir, transformer, AdapterSpec("lora", rank, alpha))[0]

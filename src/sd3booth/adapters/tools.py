@@ -1,5 +1,5 @@
 """LoRA tools: mix several LoRAs, change a LoRA's rank, describe a file. Pure tensor maths on
-:data:`~sd3booth.adapters.formats.Modules`.
+:data:`~sd3booth.adapters.layouts.Modules`.
 
 Every result is the SVD of the exact weight change. For LoRAs the change ``U @ D`` is never formed: with
 ``U = Qu Ru`` and ``D^T = Qd Rd`` (thin QR), ``U @ D = Qu (Ru Rd^T) Qd^T``, so the SVD of the small
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sd3booth.adapters.formats import LoraFile, Modules
+from sd3booth.adapters.layouts import LoraFile, Modules
 from sd3booth.errors import UserError
 from sd3booth.models.weights import TransformerWeights
 

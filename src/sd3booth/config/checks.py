@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from sd3booth.config.settings import TrainConfig
 from sd3booth.errors import UserError
@@ -23,8 +24,6 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         if choices and value is not None and value not in choices:
             bad(f"--{f.name} {value!r} is not one of {', '.join(choices)}")
-    if cfg.use_8bit_adam and cfg.optimizer == "prodigy":
-        bad("--use_8bit_adam conflicts with --optimizer prodigy; choose one optimizer")
     if cfg.resolution < 16 or cfg.resolution % 16:
         bad(f"--resolution {cfg.resolution} must be a positive multiple of 16 (VAE factor 8 x patch size 2)")
     positive = (
@@ -84,10 +83,61 @@ def validate(cfg: TrainConfig) -> None:
             bad(f"--lora_blocks {cfg.lora_blocks!r} must be comma-separated block numbers, e.g. '0,1,12'")
         if any(b < 0 for b in blocks):
             bad("--lora_blocks must be non-negative block numbers")
-    if cfg.with_prior_preservation:
+    _check_methods(cfg, bad)
+    if cfg.class_images:
         if not cfg.class_data_dir:
             bad("--with_prior_preservation needs --class_data_dir (a folder; missing class images are generated)")
         if not cfg.class_prompt:
             bad("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'")
         if cfg.num_class_images < 1:
             bad("--num_class_images must be at least 1")
+
+
+def _check_methods(cfg: TrainConfig, bad: Callable[[str], None]) -> None:
+    """Adapter, optimizer, EMA, loss and prior-mode combinations (issue #12)."""
+    if cfg.use_dora and cfg.lora_type not in ("lora", "dora"):
+        bad(f"--use_dora conflicts with --lora_type {cfg.lora_type}; DoRA is a LoRA variant: pass --lora_type dora")
+    kind = cfg.adapter_type
+    if kind in ("loha", "lokr") and cfg.lora_dropout:
+        bad(f"--lora_dropout applies to lora and dora only; --lora_type {kind} has no input dropout")
+    if cfg.lokr_factor != -1 and kind != "lokr":
+        bad(f"--lokr_factor applies to --lora_type lokr only (now {kind})")
+    if cfg.lokr_factor == 0 or cfg.lokr_factor < -1:
+        bad(f"--lokr_factor must be -1 (automatic) or a positive factor, got {cfg.lokr_factor}")
+    if kind == "dora" and cfg.base_precision == "fp8":
+        bad("--lora_type dora reads the base weights, which fp8 storage hides; use --base_precision bf16 or nf4")
+    if kind in ("loha", "lokr") and cfg.base_precision == "nf4":
+        bad(f"--lora_type {kind} needs unquantised base weights; use --base_precision bf16 or fp8")
+    if not cfg.train_text_encoder:
+        for name in ("text_encoder_lr", "text_encoder_rank"):
+            if getattr(cfg, name) is not None:
+                bad(f"--{name} needs --train_text_encoder")
+    if cfg.text_encoder_rank is not None and cfg.text_encoder_rank < 1:
+        bad(f"--text_encoder_rank must be at least 1, got {cfg.text_encoder_rank}")
+    if cfg.text_encoder_lr is not None and cfg.text_encoder_lr <= 0:
+        bad(f"--text_encoder_lr must be positive, got {cfg.text_encoder_lr}")
+    if cfg.optimizer == "prodigy" and cfg.text_encoder_lr not in (None, cfg.learning_rate):
+        bad("--optimizer prodigy adapts one learning rate for every parameter; drop --text_encoder_lr")
+    if cfg.use_8bit_adam and cfg.optimizer != "adamw":
+        bad(f"--use_8bit_adam conflicts with --optimizer {cfg.optimizer}; choose one optimizer")
+    if cfg.optimizer == "adamw_schedulefree":
+        if cfg.lr_scheduler not in ("constant", "constant_with_warmup"):
+            bad(
+                f"--optimizer adamw_schedulefree replaces the schedule; --lr_scheduler {cfg.lr_scheduler} must be "
+                "constant (or constant_with_warmup for its warm-up)"
+            )
+        if cfg.use_ema:
+            bad("--use_ema with --optimizer adamw_schedulefree: schedule-free already averages the weights")
+    if cfg.adafactor_relative_step and cfg.optimizer != "adafactor":
+        bad("--adafactor_relative_step applies to --optimizer adafactor only")
+    if not 0.0 < cfg.ema_decay < 1.0:
+        bad(f"--ema_decay must be in (0, 1), got {cfg.ema_decay}")
+    if cfg.loss_type != "l2" and cfg.huber_c <= 0:
+        bad(f"--huber_c must be positive, got {cfg.huber_c}")
+    if cfg.prior_preservation_mode == "base_model" and not cfg.with_prior_preservation:
+        bad("--prior_preservation_mode base_model needs --with_prior_preservation (it sets how the prior is kept)")
+    if cfg.base_model_prior:
+        if not cfg.class_prompt:
+            bad("--prior_preservation_mode base_model needs --class_prompt, e.g. 'a photo of a dog'")
+        if cfg.class_data_dir:
+            bad("--prior_preservation_mode base_model uses no class images; drop --class_data_dir")

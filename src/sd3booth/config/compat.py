@@ -11,10 +11,8 @@ NOT_NEEDED = {
     "local_rank": "accelerate launch gives each process its rank",
     "prior_generation_precision": "class images are generated in the run's own precision (--mixed_precision and "
     "the memory plan)",
-    "train_text_encoder": "not supported: captions are encoded once and cached, and only the transformer LoRA is "
-    "trained (as the reference does by default)",
-    "text_encoder_lr": "goes with --train_text_encoder, which sd3booth does not do",
-    "adam_weight_decay_text_encoder": "goes with --train_text_encoder, which sd3booth does not do",
+    "adam_weight_decay_text_encoder": "the text-encoder LoRA (--train_text_encoder) uses --adam_weight_decay "
+    "like the transformer's",
 }
 
 

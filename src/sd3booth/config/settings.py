@@ -14,7 +14,20 @@ from typing import Any
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+OPTIMIZERS = (
+    "adamw",
+    "adamw8bit",
+    "prodigy",
+    "lion",
+    "lion8bit",
+    "adafactor",
+    "adamw_schedulefree",
+    "stableadamw",
+)
+LORA_TYPES = ("lora", "dora", "loha", "lokr")
+EMA_DEVICES = ("cpu", "gpu")
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+PRIOR_MODES = ("class_images", "base_model")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 T5_PRECISIONS = ("auto", "bf16", "int8", "nf4", "stream", "cpu", "none")
@@ -197,6 +210,15 @@ class TrainConfig:
     )
     prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.", group="prior")
     sample_batch_size: int = _f(4, "Batch size when generating class images.", group="prior")
+    prior_preservation_mode: str = _f(
+        "class_images",
+        "class_images: the classic DreamBooth prior on --class_data_dir images (missing ones generated); "
+        "base_model: the class prompt on the same noisy latents, regressed onto the base model's own prediction "
+        "(adapter off, no gradient) as SimpleTuner and OneTrainer do; no class images at all, one extra "
+        "forward pass per step.",
+        choices=PRIOR_MODES,
+        group="prior",
+    )
     # LoRA
     rank: int = _f(4, "LoRA rank.", group="lora")
     lora_alpha: int | None = _f(
@@ -214,6 +236,32 @@ class TrainConfig:
     lora_blocks: str | None = _f(
         None, "Comma-separated transformer block indices to train, e.g. '12,13' (default: all blocks).", group="lora"
     )
+    lora_type: str = _f(
+        "lora",
+        "Adapter: lora; dora (weight-decomposed LoRA: a learnt magnitude per output row, ~1.3x the step time); "
+        "loha (Hadamard product of two rank-r LoRAs: updates of rank up to r², for twice the parameters); lokr "
+        "(Kronecker product, far fewer parameters, --lokr_factor). --rank and --lora_alpha are the linear dims "
+        "of every type (SD3's targets are all Linear layers, so no conv dims apply).",
+        choices=LORA_TYPES,
+        group="lora",
+    )
+    use_dora: bool = _f(False, "Same as --lora_type dora (peft's and the diffusers scripts' name).", group="lora")
+    lokr_factor: int = _f(
+        -1,
+        "LoKr: size of the small Kronecker factor of each dimension (e.g. 16, SimpleTuner's SD3 choice); "
+        "-1 splits each dimension near its square root (LyCORIS' default).",
+        group="lora",
+    )
+    train_text_encoder: bool = _f(
+        False,
+        "Also train a LoRA on CLIP-L and CLIP-G (q/k/v/out projections, as the diffusers script); T5 stays frozen "
+        "and cached. The CLIP encoders then stay on the GPU and run every step from cached token ids.",
+        group="lora",
+    )
+    text_encoder_lr: float | None = _f(
+        None, "Learning rate of the text-encoder LoRA (default: --learning_rate).", group="lora"
+    )
+    text_encoder_rank: int | None = _f(None, "Rank of the text-encoder LoRA (default: --rank).", group="lora")
     # optimisation
     train_batch_size: int = _f(4, "Instance images per step and process (prior preservation adds as many).")
     num_train_epochs: int = _f(1, "Epochs to train; ignored when --max_train_steps is set.")
@@ -242,6 +290,38 @@ class TrainConfig:
     prodigy_safeguard_warmup: bool = _f(True, "Prodigy: remove the learning rate from the denominator in warm-up.")
     adam_weight_decay: float = _f(1e-4, "Weight decay of the LoRA parameters.")
     adam_epsilon: float = _f(1e-8, "Epsilon of Adam and Prodigy.")
+    lion_beta1: float = _f(0.9, "Beta1 of Lion (lion, lion8bit).")
+    lion_beta2: float = _f(0.99, "Beta2 of Lion (the Lion paper's default; Adam's 0.999 is too slow for it).")
+    adafactor_relative_step: bool = _f(
+        False, "Adafactor: its own relative step size instead of --learning_rate (needs --learning_rate 1)."
+    )
+    adafactor_scale_parameter: bool = _f(False, "Adafactor: scale the step by the parameter's RMS.")
+    adafactor_warmup_init: bool = _f(False, "Adafactor: warm-up of the relative step (with --adafactor_relative_step).")
+    adafactor_clip_threshold: float = _f(1.0, "Adafactor: clip the update's RMS to this.")
+    adafactor_decay_rate: float = _f(-0.8, "Adafactor: exponent of the second-moment decay.")
+    schedulefree_r: float = _f(0.0, "adamw_schedulefree: polynomial weighting power r of the averaged iterates.")
+    schedulefree_weight_lr_power: float = _f(2.0, "adamw_schedulefree: weight of each iterate ~ lr^this.")
+    use_ema: bool = _f(
+        False,
+        "Keep an exponential moving average of the adapter weights; validation images and the saved LoRA use it, "
+        "the raw weights are saved beside (pytorch_lora_weights_raw.safetensors).",
+    )
+    ema_decay: float = _f(
+        0.995,
+        "EMA decay; the first steps use min(decay, (1 + step) / (10 + step)) as diffusers' EMAModel does, so "
+        "the zero-initialised start does not linger.",
+    )
+    ema_device: str = _f(
+        "gpu", "Where the EMA copy lives: gpu (fast), or cpu (no GPU memory; one copy to the host per step).",
+        choices=EMA_DEVICES,
+    )  # fmt: skip
+    loss_type: str = _f(
+        "l2",
+        "l2 (the reference); huber or smooth_l1 (kohya's pseudo-Huber forms, less pulled by outliers; "
+        "--huber_c sets where they turn from quadratic to linear).",
+        choices=LOSS_TYPES,
+    )
+    huber_c: float = _f(0.1, "Transition point of --loss_type huber and smooth_l1 (kohya's default 0.1).")
     mixed_precision: str | None = _f(
         None,
         "no, fp16 or bf16 (default: bf16 on a GPU that has it, fp16 on one that has not, no on CPU). "
@@ -317,21 +397,26 @@ class TrainConfig:
         None, "Accepted for the diffusers script; class images are generated in the run's precision.",
         choices=("no", "fp32", "fp16", "bf16"), group="compat",
     )  # fmt: skip
-    train_text_encoder: bool = _f(
-        False, "Accepted for the diffusers script, not supported: prompts are encoded once and cached, so only the "
-        "transformer LoRA is trained.", group="compat",
-    )  # fmt: skip
-    text_encoder_lr: float = _f(
-        5e-6, "Accepted for the diffusers script; goes with --train_text_encoder.", group="compat"
-    )
     adam_weight_decay_text_encoder: float = _f(
-        1e-3, "Accepted for the diffusers script; goes with --train_text_encoder.", group="compat"
+        1e-3, "Accepted for the diffusers script; the text-encoder LoRA uses --adam_weight_decay.", group="compat"
     )
 
     # ---- derived views -------------------------------------------------------------------------------
     @property
     def alpha(self) -> int:
         return self.lora_alpha if self.lora_alpha is not None else self.rank
+
+    @property
+    def adapter_type(self) -> str:
+        return "dora" if self.use_dora else self.lora_type
+
+    @property
+    def base_model_prior(self) -> bool:
+        return self.with_prior_preservation and self.prior_preservation_mode == "base_model"
+
+    @property
+    def class_images(self) -> bool:
+        return self.with_prior_preservation and self.prior_preservation_mode == "class_images"
 
     @property
     def optimizer_name(self) -> str:

@@ -68,10 +68,12 @@ def host_stages(
         out["T5"] = base + t5_bytes / GIB + h["t5_act_per_token_gib"] * t5_len
     elif plan.t5 != "none":
         out["T5"] = base + mapped.get("text_encoder_3", 0.0)
-    # a swapped transformer is loaded into host memory (the mapped file and its materialised copy), then packed
-    # into pinned buffers (measured 2026-11-25, 22 of 24 blocks: 11.2 GiB = base + 2 x 3.9 + ~half the pinned)
+    # a swapped transformer is loaded into host memory whole, then its swapped blocks are packed into pinned
+    # buffers: file + pinned. Measured 2026-11-25 (H100 machine): SD3.5 Large 32 of 38 swapped 32.9 GiB
+    # (this predicts 28.6), 8 swapped 15.1 (19.2); SD3 Medium 22 of 24 swapped 11.2 (8.4): within ~4 GiB only.
+    # Packing straight from the file into the pinned buffers would make it base + pinned; not done yet.
     file = mapped.get("transformer", sizes.transformer_params * 2 / GIB)
-    load = 2 * file + swapped / 2 if plan.swap_blocks else file
+    load = file + swapped if plan.swap_blocks else file
     workers = h["compile_worker_gib"] * h["compile_workers"] if plan.compiled else 0.0
     out["training"] = base + max(load, swapped + workers + h["training_extra_gib"])
     return {k: round(v, 3) for k, v in out.items()}

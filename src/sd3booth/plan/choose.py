@@ -28,6 +28,25 @@ T5_PREFERENCE = ("bf16", "stream", "cpu", "int8", "nf4")
 # "none" (no T5 at all, zero embeddings as the reference pipeline does) is never chosen, only honoured.
 T5_ORDER = (*T5_PREFERENCE, "none")
 BASE_SPEED_ORDER = ("bf16", "fp8", "nf4")
+# Issue #12's methods (tools/gpu_methods.sh measured LoRA, DoRA, LoHa, LoKr, text-encoder LoRA, EMA and the
+# base-model prior on SD3 Medium, 2026-11-25, BENCHMARKS.md; LoHa/LoKr/EMA/prior within 0.15 GiB as below):
+# bytes of optimizer state per fp32 adapter parameter (Adafactor factors its second moment: ~0 for LoRA shapes)
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "lion": 4, "lion8bit": 1, "adafactor": 1,
+                         "adamw_schedulefree": 8, "stableadamw": 8}  # fmt: skip
+# saved activations relative to LoRA: DoRA keeps the adapted layers' base and LoRA outputs for its magnitude's
+# gradient; LoHa/LoKr rebuild a full delta weight per layer, which autograd keeps (counted per adapted weight)
+# DoRA's factor measured (H100, SD3 Medium, 1024 px, eager, 2026-11-25: training 11.21 GiB against LoRA's 8.87)
+ADAPTER_ACTIVATION_FACTOR = {"lora": 1.0, "dora": 1.47, "loha": 1.0, "lokr": 1.0}
+# bases an adapter cannot train on: DoRA reads the base weight (fp8 storage hides it), peft's LoHa/LoKr reshape
+# their delta to the base weight's shape (NF4 packs it)
+UNSUPPORTED_BASES = {"dora": ("fp8",), "loha": ("nf4",), "lokr": ("nf4",)}
+# --train_text_encoder: CLIP-L (12 layers x 768) and CLIP-G (32 x 1280) run with grad on 77 tokens; activations
+# ~34 bytes per hidden unit per layer in 16-bit (Korthikanti et al. 2022, no recomputation)
+CLIP_UNITS_PER_TOKEN = 12 * 768 + 32 * 1280
+CLIP_LORA_PARAMS_PER_RANK = 4 * 2 * (12 * 768 + 32 * 1280)  # q/k/v/out, A and B
+# what the terms above missed, measured (same run: 12.38 GiB against 10.68 predicted); the CLIP encoders are the
+# same in every SD3 model, so it is a constant
+TEXT_ENCODER_MEASURED_EXTRA_GIB = 1.70
 
 
 def compile_by_default(base: str, activation_offload: bool) -> bool:
@@ -102,6 +121,10 @@ class Workload:
     validation_batch: int = 1
     bf16: bool = True  # the GPU computes in bf16; else fp16 (T5's wo layers in fp32)
     on_gpu: bool = True
+    adapter: str = "lora"
+    text_encoder_rank: int = 0  # 0: no text-encoder LoRA
+    ema_gpu: bool = False
+    adapted_layers: int = 0  # Linear layers carrying the adapter
 
     @property
     def tokens(self) -> int:
@@ -118,14 +141,20 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     n, k, s = sizes.n_blocks, plan.checkpoint_blocks, plan.swap_blocks
     block = _weight_gib(sizes.block_params, plan.base, cal)
     resident = _weight_gib(sizes.other_params, "bf16", cal) + (n - s) * block + (2 * block if s else 0.0)
-    opt_bytes = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}[work.optimizer]
+    opt_bytes = OPTIMIZER_STATE_BYTES[work.optimizer] + (4 if work.ema_gpu else 0)
     lora = work.lora_params * (4 + 4 + opt_bytes) / GIB
+    text = 0.0
+    if work.text_encoder_rank:  # CLIP weights stay resident; their LoRA, its state and activations
+        text = _weight_gib(sizes.clip_l_params + sizes.clip_g_params, "bf16", cal)
+        text += CLIP_LORA_PARAMS_PER_RANK * work.text_encoder_rank * (4 + 4 + opt_bytes) / GIB
     units = work.batch * work.tokens * sizes.hidden / GIB  # GiB per byte-per-unit coefficient
     # compiled blocks save fewer intermediates (inductor fuses the elementwise work between matmuls)
     full = c["act_full_compiled"] if plan.compiled else c["act_full"]
     per_ckpt = c["act_checkpointed_compiled"] if plan.compiled else c["act_checkpointed"]
     saved_ckpt = 0.0 if plan.activation_offload else per_ckpt * k
-    act = units * (full * (n - k) + saved_ckpt + (full if k else 0.0))
+    act = units * (full * (n - k) + saved_ckpt + (full if k else 0.0)) * ADAPTER_ACTIVATION_FACTOR[work.adapter]
+    if work.adapter in ("loha", "lokr"):  # one bf16 hidden x hidden delta per adapted layer of an uncheckpointed block
+        act += work.adapted_layers * (n - k) / n * sizes.hidden**2 * 2 / GIB
     stages: dict[str, float] = {}
     text_units = plan.text_batch / 8
     stages["CLIP-L"] = _weight_gib(sizes.clip_l_params, "bf16", cal) + c["clip_l_act_per8"] * text_units + c["fixed"]
@@ -146,9 +175,14 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     if work.class_images:
         stages["class images"] = resident + sample_act + decode + c["fixed"]
     base_extra = c["base_extra"].get(plan.base, 0.0) * units / c["base_extra_units"]  # dequant/upcast buffers
-    stages["training"] = resident + lora + act + base_extra + c["fixed"]
+    text_act = (
+        work.batch * 77 * CLIP_UNITS_PER_TOKEN * 34 / GIB + TEXT_ENCODER_MEASURED_EXTRA_GIB
+        if work.text_encoder_rank
+        else 0.0
+    )
+    stages["training"] = resident + lora + text + text_act + act + base_extra + c["fixed"]
     if work.validation:
-        stages["validation"] = resident + lora + max(sample_act, decode) + c["fixed"]
+        stages["validation"] = resident + lora + text + max(sample_act, decode) + c["fixed"]
     t = cal["time"]
     # The batch-1 step is bound by kernel launches, so time follows the block count more than the FLOPs
     # (measured: SD3.5 Large 0.659 s vs SD3 Medium 0.385 s, 38 vs 24 blocks); more tokens per step than a
@@ -277,17 +311,23 @@ class Machine:
 
 def workload(cfg: Any, sizes: ModelSizes, machine: Machine) -> Workload:
     n_targets = len(cfg.target_blocks) if cfg.target_blocks else sizes.n_blocks
+    lora_params = n_targets * len(cfg.target_layers) * 2 * cfg.rank * sizes.hidden
+    lora_params *= {"loha": 2.0, "lokr": 0.5}.get(cfg.adapter_type, 1.0)  # LoKr: rough, depends on the factor
     return Workload(
         resolution=cfg.resolution,
         batch=cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1),
         t5_len=cfg.max_sequence_length,
         rank=cfg.rank,
-        lora_params=n_targets * len(cfg.target_layers) * 2 * cfg.rank * sizes.hidden,
+        lora_params=int(lora_params),
         optimizer=cfg.optimizer_name,
         validation=bool(cfg.validation_prompt),
-        class_images=cfg.with_prior_preservation,
+        class_images=cfg.class_images,
         bf16=machine.bf16,
         on_gpu=machine.gpu_available_gib is not None,
+        adapter=cfg.adapter_type,
+        text_encoder_rank=(cfg.text_encoder_rank or cfg.rank) if cfg.train_text_encoder else 0,
+        ema_gpu=cfg.use_ema and cfg.ema_device == "gpu",
+        adapted_layers=n_targets * len(cfg.target_layers),
     )
 
 
@@ -325,7 +365,7 @@ def choose(sizes: ModelSizes, work: Workload, limits: Limits | float, cal: dict[
     """
     limits = limits if isinstance(limits, Limits) else Limits(vram_gib=float(limits))
     fixed = fixed or {}
-    plans = candidates(sizes, fixed)
+    plans = [p for p in candidates(sizes, fixed) if p.base not in UNSUPPORTED_BASES.get(work.adapter, ())]
     if not plans:  # the user's own settings exclude each other: name them rather than blame the budget
         probe = Plan(**fixed)
         reason = _conflicts(probe, sizes.n_blocks) or "no plan satisfies the settings given"

@@ -1,206 +1,49 @@
-"""What a finished run leaves for others: the LoRA file(s) with their metadata, a hub model card, the upload.
+"""What a run writes and restores of its adapters: the raw state of checkpoints, and the exported files.
 
-The safetensors header says what the file is (base model, resolution, rank, alpha, steps, trigger prompt,
-sd3booth version) in sd3booth's own keys plus the SAI ``modelspec.*`` keys and kohya's ``ss_network_*``, which
-ComfyUI, Forge/A1111 and kohya's tools display.
+The exported files (and validation) use the run's export view (``ema.export_view``): the EMA weights when
+``--use_ema`` (the raw ones then go beside, ``…_raw.safetensors``), a schedule-free optimizer's eval-mode
+average. Checkpoints keep the raw training weights, so a resumed run continues bit-exactly.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from sd3booth import __version__
-from sd3booth.adapters import lora
-from sd3booth.config import TrainConfig
-from sd3booth.errors import UserError
+from sd3booth.adapters import formats, lora
+from sd3booth.train.ema import export_view
 
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-FORMAT_FILES = {"kohya": "lora_kohya.safetensors", "comfyui": "lora_comfyui.safetensors"}
-RUN_FILES = (lora.LORA_FILE, *FORMAT_FILES.values(), "README.md")  # what a finished run leaves at the top level
+TEXT_PREFIXES = tuple(f"{name}." for name in ("text_encoder", "text_encoder_2"))
 
 
-TITLES = {"sd3-medium": "SD3 Medium", "sd3.5-medium": "SD3.5 Medium", "sd3.5-large": "SD3.5 Large"}
+def raw_state(run: Any) -> dict[str, torch.Tensor]:
+    """Raw adapter weights (transformer keys unprefixed, text-encoder keys under their prefixes)."""
+    state = lora.lora_state(run.accelerator.unwrap_model(run.transformer))
+    if run.text is not None:
+        state.update(run.text.state())
+    return state
 
 
-def _base_model(cfg: TrainConfig) -> str:
-    """The hub id as given, or the local folder / single file as an absolute path."""
-    base = cfg.pretrained_model_name_or_path or ""
-    return str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
+def restore(run: Any, state: dict[str, torch.Tensor], source: str) -> None:
+    """Puts a checkpoint's raw weights back (any missing or unexpected key is a one-line error)."""
+    transformer = {k: v for k, v in state.items() if not k.startswith(TEXT_PREFIXES)}
+    lora.load_lora_state(run.accelerator.unwrap_model(run.transformer), transformer, source)
+    if run.text is not None:
+        run.text.load_state({k: v for k, v in state.items() if k.startswith(TEXT_PREFIXES)}, source)
+    for p in run.params:
+        p.data = p.data.float()
 
 
-def model_variant(model_root: Path) -> str:
-    """sd3-medium, sd3.5-medium or sd3.5-large from the transformer config (kohya's modelspec naming below)."""
-    cfg = json.loads((model_root / "transformer" / "config.json").read_text(encoding="utf-8"))
-    if cfg.get("dual_attention_layers"):
-        return "sd3.5-medium"
-    return "sd3.5-large" if cfg.get("num_layers") == 38 else "sd3-medium"
-
-
-def trained_layers(net: Any) -> list[str]:
-    """The layer kinds the adapter really has (``attn.to_q``…; with --init_lora they come from the file)."""
-    from peft.utils import get_peft_model_state_dict
-
-    keys = [k.split(".lora_A.")[0] for k in get_peft_model_state_dict(net) if ".lora_A." in k]
-    return sorted({re.sub(r"^transformer_blocks\.\d+\.", "", k) for k in keys})
-
-
-def lora_metadata(cfg: TrainConfig, model_root: Path, steps: int, layers: list[str]) -> dict[str, str]:
-    variant = model_variant(model_root)
-    arch = {"sd3-medium": "3-medium", "sd3.5-medium": "3-5-medium", "sd3.5-large": "3-5-large"}[variant]
-    base = _base_model(cfg)
-    return {
-        "sd3booth.version": __version__,
-        "sd3booth.type": "lora",
-        "sd3booth.base_model": base,
-        "sd3booth.base_model_variant": variant,
-        "sd3booth.resolution": str(cfg.resolution),
-        "sd3booth.rank": str(cfg.rank),
-        "sd3booth.alpha": f"{cfg.alpha} (folded into lora_B: the file loads with alpha = rank)",
-        "sd3booth.steps": str(steps),
-        "sd3booth.instance_prompt": cfg.instance_prompt or "",
-        "sd3booth.lora_layers": ",".join(layers),
-        "sd3booth.lora_blocks": cfg.lora_blocks or "all",
-        "sd3booth.learning_rate": str(cfg.learning_rate),
-        "sd3booth.seed": str(cfg.seed),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"stable-diffusion-{arch}/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": Path(cfg.output_dir).resolve().name,
-        "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
-        "modelspec.date": datetime.now(UTC).date().isoformat(),
-        "modelspec.trigger_phrase": cfg.instance_prompt or "",
-        "ss_network_module": "networks.lora_sd3",
-        "ss_network_dim": str(cfg.rank),
-        "ss_network_alpha": str(cfg.rank),
-    }
-
-
-def save_lora_files(cfg: TrainConfig, net: Any, out: Path, model_root: Path, steps: int) -> Path:
-    """pytorch_lora_weights.safetensors (diffusers) always, plus the --lora_format file; returns the latter."""
-    dtype = torch.float32 if cfg.upcast_before_saving else PRECISIONS[cfg.save_precision]
-    meta = lora_metadata(cfg, model_root, steps, trained_layers(net))
-    path = lora.save_lora(net, out, cfg.rank, cfg.alpha, "diffusers", dtype, meta)
-    if cfg.lora_format != "diffusers":
-        name = FORMAT_FILES[cfg.lora_format]
-        path = lora.save_lora(net, out, cfg.rank, cfg.alpha, cfg.lora_format, dtype, meta, name)
-    return path
-
-
-def _widget(cfg: TrainConfig, out: Path, folders: list[Path]) -> list[dict[str, Any]]:
-    if not folders:
-        return []
-    images = sorted(folders[-1].glob("*.png"))
-    text = cfg.validation_prompt or cfg.instance_prompt or " "
-    return [{"text": text, "output": {"url": str(p.relative_to(out).as_posix())}} for p in images]
-
-
-def write_model_card(cfg: TrainConfig, out: Path, model_root: Path, folders: list[Path], steps: int) -> Path:
-    """README.md in the hub's format (YAML card data via huggingface_hub, a gallery of the last validation)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    variant = model_variant(model_root)
-    base = _base_model(cfg)
-    name = cfg.hub_model_id or Path(cfg.output_dir).resolve().name
-    tags = ["text-to-image", "diffusers-training", "diffusers", "lora", "template:sd-lora", "sd3booth",
-            variant.replace("sd3-medium", "sd3"), f"{variant.split('-')[0]}-diffusers"]  # fmt: skip
-    data = ModelCardData(
-        license="other",
-        library_name="diffusers",
-        base_model=base if "/" in base and not Path(base).expanduser().exists() else None,
-        instance_prompt=cfg.instance_prompt,
-        widget=_widget(cfg, out, folders) or None,
-        tags=tags,
-    )
-    prompt = cfg.validation_prompt or cfg.instance_prompt or "a photo"
-    with safe_open(str(out / lora.LORA_FILE), framework="pt") as f:
-        layers = (f.metadata() or {}).get("sd3booth.lora_layers", "")
-    extra = "".join(f"\n- `{f}`: {fmt} layout" for fmt, f in FORMAT_FILES.items() if (out / f).is_file())
-    body = f"""
-# {TITLES[variant]} DreamBooth LoRA - {name}
-
-<Gallery />
-
-## Model description
-
-DreamBooth LoRA weights for `{base}`, trained with sd3booth {__version__}: rank {cfg.rank},
-alpha {cfg.alpha} (folded into the weights, so the file loads with alpha = rank), {steps} steps at
-{cfg.resolution} px, learning rate {cfg.learning_rate}, layers `{layers}`.
-
-## Trigger words
-
-Use `{cfg.instance_prompt}` to trigger the image generation.
-
-## Files
-
-- `pytorch_lora_weights.safetensors`: diffusers layout (diffusers, ComfyUI){extra}
-- `settings.json`: every setting of the run; `validation/`: the validation images
-
-## Use it with diffusers
-
-```py
-import torch
-from safetensors import safe_open
-from diffusers import StableDiffusion3Pipeline
-
-pipe = StableDiffusion3Pipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("{name}", weight_name="pytorch_lora_weights.safetensors")
-image = pipe("{prompt}").images[0]
-```
-
-Or `sd3booth generate --lora pytorch_lora_weights.safetensors --prompt "{prompt}"`.
-
-## License
-
-Follow the license of the base model `{base}`.
-"""
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    path = out / "README.md"
-    card.save(path)
-    return path
-
-
-def publish(cfg: TrainConfig, out: Path, model_root: Path, folders: list[Path], steps: int, log: Any = print) -> None:
-    """The model card, then (with --push_to_hub) the upload."""
-    write_model_card(cfg, out, model_root, folders, steps)
-    if cfg.push_to_hub:
-        push_to_hub(out, cfg.hub_model_id or out.resolve().name, cfg.hub_token, log)
-
-
-def push_to_hub(out: Path, repo_id: str, token: str | None, log: Any = print) -> str:
-    """Uploads the output folder (not checkpoints, caches or logs) with huggingface_hub; one line on failure."""
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise UserError(offline_message(out))
-    api = huggingface_hub.HfApi(token=token)
-    try:
-        repo = api.create_repo(repo_id, exist_ok=True).repo_id
-        api.upload_folder(
-            repo_id=repo,
-            folder_path=out,
-            commit_message="End of training",
-            ignore_patterns=["checkpoints/**", "cache/**", "logs/**", ".*", "**/.*"],
-        )
-    except Exception as e:  # noqa: BLE001 - network, auth and permission failures all mean the same here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(
-            f"--push_to_hub: uploading {out} to {repo_id} failed ({type(e).__name__}: {first[:150]}); the run is "
-            f"saved; upload it later with: huggingface-cli upload {repo_id} {out}"
-        ) from None
-    log(f"uploaded {out} to https://huggingface.co/{repo}")
-    return repo
-
-
-def offline_message(out: Path) -> str:
-    return (
-        f"--push_to_hub needs the network, but the hub is offline (HF_HUB_OFFLINE is set); unset it, or drop "
-        f"--push_to_hub and upload {out} later with huggingface-cli upload"
-    )
+def export(run: Any, folder: Path) -> list[Path]:
+    """Writes the adapter file(s) into folder, main file first; the raw weights beside when there is an EMA."""
+    net = run.accelerator.unwrap_model(run.transformer)
+    encoders = {k: run.accelerator.unwrap_model(e) for k, e in run.text.named.items()} if run.text else None
+    base = run.prep.src.root / "transformer"
+    optimizer = run.optimizer.optimizer
+    with export_view(optimizer, run.ema, run.params):
+        paths = formats.save_adapter(folder, net, run.spec, encoders, base)
+    if run.ema is not None:
+        paths += formats.save_adapter(folder, net, run.spec, encoders, base, suffix=formats.RAW_SUFFIX)
+    return paths

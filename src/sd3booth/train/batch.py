@@ -68,3 +68,11 @@ def make_batch(src: BatchSource, m: int, rank: int) -> tuple[torch.Tensor, torch
         embeds.append(emb.prompt_embeds)
         pooled.append(emb.pooled)
     return torch.stack(zs), torch.stack(embeds), torch.stack(pooled)
+
+
+def batch_captions(src: BatchSource, m: int, rank: int) -> list[str]:
+    """The captions of micro-batch m, in make_batch's order (no RNG drawn: the order is a pure function)."""
+    examples = [src.instances[src.items[i]] for i in src.order.instance_items(m, rank)]
+    if src.classes:
+        examples += [src.classes[i] for i in src.order.class_items(m, rank)]
+    return [ex.caption for ex in examples]

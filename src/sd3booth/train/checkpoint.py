@@ -1,8 +1,8 @@
 """Resumable training state: written whole into a temporary folder, then renamed into place.
 
-A checkpoint holds everything the loop needs to continue bit-exactly: the raw LoRA weights, the
-optimizer, LR-scheduler and grad-scaler states and the step. Data order and per-step randomness are
-functions of (seed, step), so no RNG or data-loader state needs saving.
+A checkpoint holds everything the loop needs to continue bit-exactly: the raw adapter weights, the
+optimizer, LR-scheduler and grad-scaler states (and the EMA, when there is one) and the step. Data order
+and per-step randomness are functions of (seed, step), so no RNG or data-loader state needs saving.
 
 Before writing, the free space is checked (one line instead of a half-written folder); a write that is
 killed anyway leaves only a hidden temporary folder, which ``clean_interrupted`` removes at the next start.
@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,32 +195,24 @@ def _step_of(path: Path) -> int:
 def save_training_state(
     root: Path,
     step: int,
-    net: Any,
+    raw: dict[str, torch.Tensor],
+    export: Callable[[Path], list[Path]],
     optimizer: Any,
     lr_scheduler: Any,
     scaler: Any,
-    rank: int,
-    alpha: int,
     meta: dict[str, Any],
     total_limit: int | None,
     scratch: Path,
+    extra_state: dict[str, Any] | None = None,
 ) -> Path:
-    """A checkpoint of a training run: raw LoRA, optimizer/scheduler/scaler states and the exported LoRA file."""
-    from sd3booth.adapters import lora
-
+    """A checkpoint of a training run: the raw adapter weights, optimizer/scheduler/scaler states (plus
+    ``extra_state``, e.g. the EMA) and the exported adapter file(s) that ``export(folder)`` writes."""
     state = {
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
+        **(extra_state or {}),
     }
     with tempfile.TemporaryDirectory(dir=scratch, prefix=".ckpt-lora-") as tmp:
-        exported = lora.save_lora(net, Path(tmp), rank, alpha)
-        return save(
-            root,
-            step,
-            lora.lora_state(net),
-            state,
-            meta,
-            extra_files={lora.LORA_FILE: exported},
-            total_limit=total_limit,
-        )
+        exported = export(Path(tmp))
+        return save(root, step, raw, state, meta, extra_files={p.name: p for p in exported}, total_limit=total_limit)

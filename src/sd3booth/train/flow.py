@@ -61,9 +61,28 @@ def loss_weighting(weighting_scheme: str, sigma: torch.Tensor) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigma)
 
 
-def per_sample_loss(pred: torch.Tensor, tgt: torch.Tensor, weighting: torch.Tensor) -> torch.Tensor:
-    """mean over all but the batch dim of w (pred - target)^2, in fp32: shape (B,)."""
-    err = weighting.float() * (pred.float() - tgt.float()) ** 2
+def elementwise_loss(
+    pred: torch.Tensor, tgt: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1
+) -> torch.Tensor:
+    """l2: (pred - target)^2, the reference. huber and smooth_l1 are kohya's pseudo-Huber forms (its flag names):
+    huber 2c(sqrt(d^2 + c^2) - c) ~ d^2 near 0 and 2c|d| far out; smooth_l1 2(sqrt(d^2 + c^2) - c) ~ d^2 / c
+    near 0 and 2|d| far out. Smooth everywhere, unlike torch's piecewise huber_loss."""
+    d2 = (pred.float() - tgt.float()) ** 2
+    if loss_type == "l2":
+        return d2
+    root = torch.sqrt(d2 + huber_c**2) - huber_c
+    if loss_type == "huber":
+        return 2 * huber_c * root
+    if loss_type == "smooth_l1":
+        return 2 * root
+    raise ValueError(f"unknown loss type {loss_type!r}")
+
+
+def per_sample_loss(
+    pred: torch.Tensor, tgt: torch.Tensor, weighting: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1
+) -> torch.Tensor:
+    """mean over all but the batch dim of w * loss(pred, target), in fp32: shape (B,)."""
+    err = weighting.float() * elementwise_loss(pred, tgt, loss_type, huber_c)
     return err.reshape(err.shape[0], -1).mean(dim=1)
 
 

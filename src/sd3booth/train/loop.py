@@ -9,6 +9,7 @@ this file: ``batch`` (a micro-batch from the caches), ``loss`` (the flow-matchin
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -21,19 +22,23 @@ from typing import Any
 
 import torch
 
-from sd3booth.adapters import init_lora, lora
+from sd3booth.adapters import build, init_lora, lora
+from sd3booth.adapters import text_encoder as clip_lora
 from sd3booth.cache import latents as cache_latents
 from sd3booth.cache import text as cache_text
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models import loaders, memory, placement, source, speed
 from sd3booth.prepare import Prepared, prepare
+from sd3booth.report import REPORT_FILE, write_report_safely
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
-from sd3booth.train import artefacts, checkpoint, resume
+from sd3booth.train import artefacts, checkpoint, methods, publish, resume
 from sd3booth.train.batch import BatchSource, make_batch, to_device
+from sd3booth.train.conditioning import conditioning
+from sd3booth.train.ema import EMA
 from sd3booth.train.guard import StepGuard, out_of_memory_message
 from sd3booth.train.loss import FlowSettings, flow_matching_loss
-from sd3booth.train.optim import make_lr_scheduler, make_optimizer
+from sd3booth.train.optim import make_lr_scheduler, schedule_name
 from sd3booth.train.order import DataOrder
 from sd3booth.train.settings import SETTINGS_FILE, RunRecord, portable_settings
 from sd3booth.train.validate import Validator
@@ -77,6 +82,11 @@ class Run:
     validator: Validator | None = None
     guard: StepGuard | None = None
     record: RunRecord | None = None  # settings.json, written after each save (main process only)
+    spec: build.AdapterSpec | None = None
+    text: clip_lora.TextEncoders | None = None  # --train_text_encoder: CLIP-L and CLIP-G with their LoRA
+    ema: EMA | None = None
+    class_embedding: Any = None  # --prior_preservation_mode base_model: the cached class-prompt embedding
+    validation_cached: tuple[Any, Any] | None = None  # cached (prompt, negative) embeddings of validation
 
     @property
     def main(self) -> bool:
@@ -131,7 +141,7 @@ def _caches(run: Run) -> None:
         prep = prepare(cfg, run.place, run.say, run.stages.stage if run.main else noop)
     if run.main:
         if cfg.overwrite_output_dir and not run.resume_path:
-            for stale in ("checkpoints", "validation", "metrics.jsonl", SETTINGS_FILE, *artefacts.RUN_FILES):  # old
+            for stale in ("checkpoints", "validation", "metrics.jsonl", SETTINGS_FILE, REPORT_FILE, *publish.RUN_FILES):
                 p = out / stale
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         run.record = RunRecord.begin(cfg, out, prep.instances, run.resume_path)
@@ -146,11 +156,14 @@ def _caches(run: Run) -> None:
         )
     run.prep = prep
     run.batches = BatchSource(
-        prep.instances, prep.classes if cfg.with_prior_preservation else [], items, order, lat, prep.latent_keys,
+        prep.instances, prep.classes if cfg.class_images else [], items, order, lat, prep.latent_keys,
         text, prep.text_keys, cfg.resolution // 8, cfg.center_crop, cfg.random_flip, prep.shift_factor,
         prep.scaling_factor, seed,
     )  # fmt: skip
+    if cfg.base_model_prior:
+        run.class_embedding = text[prep.text_keys[cfg.class_prompt or ""]]
     if run.main and prep.validation_key:
+        run.validation_cached = (text[prep.validation_key], text[prep.negative_key])
         run.validator = Validator(
             prep.src, run.place, out, text[prep.validation_key], text[prep.negative_key], cfg.num_validation_images,
             seed, cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale, cfg.attention_backend,
@@ -166,7 +179,8 @@ def _model(run: Run) -> None:
         init = init_lora.read_init(cfg.init_lora) if cfg.init_lora else None
         layers = sorted(init) if init is not None and not cfg.lora_layers else cfg.target_layers  # the file's layers
         targets = lora.resolve_targets(transformer, layers, cfg.target_blocks)
-        run.params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.lora_dropout, targets)
+        run.spec = build.AdapterSpec(cfg.adapter_type, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.lokr_factor)
+        run.params = build.add_adapter(transformer, run.spec, targets)
         if init is not None:  # a resumed run overwrites these with the checkpoint's weights
             run.say(init_lora.apply_init(transformer, init, cfg.rank, cfg.alpha, run.batches.seed))
         loaders.apply_fp8_storage(transformer, place)
@@ -178,6 +192,7 @@ def _model(run: Run) -> None:
     run.sigmas = scheduler.sigmas.to(place.device)
     run.timesteps = scheduler.timesteps.to(place.device)
     run.transformer = transformer
+    methods.load_text_encoders(run)
 
 
 def _optimization(run: Run) -> None:
@@ -185,21 +200,14 @@ def _optimization(run: Run) -> None:
     accum = cfg.gradient_accumulation_steps
     run.max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(run.batches.order.batches_per_epoch / accum)
     lr = cfg.learning_rate * (accum * cfg.train_batch_size * acc.num_processes if cfg.scale_lr else 1)
-    prodigy = dict(
-        beta3=cfg.prodigy_beta3,
-        decouple=cfg.prodigy_decouple,
-        use_bias_correction=cfg.prodigy_use_bias_correction,
-        safeguard_warmup=cfg.prodigy_safeguard_warmup,
-    )
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    optimizer = make_optimizer(
-        cfg.optimizer_name, run.params, lr, betas, cfg.adam_weight_decay, cfg.adam_epsilon, prodigy
-    )
+    optimizer = methods.optimizer(run, lr)
     run.lr_scheduler = make_lr_scheduler(
-        cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, run.max_steps, cfg.lr_num_cycles, cfg.lr_power
-    )
+        schedule_name(cfg.optimizer_name, cfg.lr_scheduler), optimizer, cfg.lr_warmup_steps, run.max_steps,
+        cfg.lr_num_cycles, cfg.lr_power,
+    )  # fmt: skip
     run.transformer, run.optimizer = acc.prepare(run.transformer, optimizer)
     run.guard = StepGuard(cfg.max_bad_steps, run.say)
+    methods.attach(run)
 
 
 def _resume(run: Run) -> None:
@@ -207,10 +215,9 @@ def _resume(run: Run) -> None:
         return
     base_lrs = list(run.lr_scheduler.base_lrs)  # this run's rate, before the checkpoint's replaces it
     start, state, trainer_state, _meta = checkpoint.load(run.resume_path)
-    lora.load_lora_state(run.accelerator.unwrap_model(run.transformer), state, str(run.resume_path))
-    for p in run.params:
-        p.data = p.data.float()
+    artefacts.restore(run, state, str(run.resume_path))
     run.optimizer.optimizer.load_state_dict(trainer_state["optimizer"])
+    methods.restore_ema(run, trainer_state)
     run.lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
     resume.apply_learning_rate(run.optimizer.optimizer, run.lr_scheduler, base_lrs)  # a new rate/schedule applies
     if run.accelerator.scaler is not None and trainer_state.get("scaler"):
@@ -242,6 +249,7 @@ def micro_step_loss(run: Run, m: int) -> torch.Tensor:
     cfg, place, dev = run.cfg, run.place, run.place.device
     x0, prompt_embeds, pooled = (to_device(t, dev) for t in make_batch(run.batches, m, run.accelerator.process_index))
     offload = torch.autograd.graph.save_on_cpu(pin_memory=dev.type == "cuda")
+    prompt_embeds, pooled, base_prior = conditioning(run, m, x0.shape[0], prompt_embeds, pooled)
 
     def model(x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         with run.accelerator.autocast(), offload if place.memory.activation_offload else contextlib.nullcontext():
@@ -255,9 +263,9 @@ def micro_step_loss(run: Run, m: int) -> torch.Tensor:
 
     flow = FlowSettings(
         cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, bool(cfg.precondition_outputs),
-        cfg.prior_loss_weight,
+        cfg.prior_loss_weight, cfg.loss_type, cfg.huber_c,
     )  # fmt: skip
-    return flow_matching_loss(model, x0, cfg.train_batch_size, run.sigmas, run.timesteps, flow)
+    return flow_matching_loss(model, x0, cfg.train_batch_size, run.sigmas, run.timesteps, flow, base_prior)
 
 
 def optimizer_step(run: Run, step: int) -> torch.Tensor:
@@ -277,6 +285,8 @@ def optimizer_step(run: Run, step: int) -> torch.Tensor:
     run.optimizer.zero_grad(set_to_none=True)
     if acc.scaler is not None:  # fp16: the scaler skips steps whose gradients overflowed (a host sync anyway)
         run.guard.after_step(step + 1, acc.optimizer_step_was_skipped, acc.scaler.get_scale())
+    if run.ema is not None:
+        run.ema.update()
     return total
 
 
@@ -301,24 +311,12 @@ def _validation_due(run: Run, step: int) -> bool:
     return done > run.completed_epochs(step - 1) and done % cfg.validation_epochs == 0
 
 
-def _validate(run: Run, step: int) -> None:
-    if run.validator is None:
-        return
-    with run.stages.stage(f"validation step {step}"):
-        images = run.validator(run.accelerator.unwrap_model(run.transformer), step, run.compiled)
-    tb = next((t.writer for t in getattr(run.accelerator, "trackers", []) if t.name == "tensorboard"), None)
-    if tb is not None:
-        import numpy as np
-
-        tb.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
-
-
 def _checkpoint(run: Run, step: int) -> None:
     cfg = run.cfg
     checkpoint.save_training_state(
-        run.out / "checkpoints", step, run.accelerator.unwrap_model(run.transformer), run.optimizer.optimizer,
-        run.lr_scheduler, run.accelerator.scaler, cfg.rank, cfg.alpha, {"settings": portable_settings(cfg)},
-        cfg.checkpoints_total_limit, run.out,
+        run.out / "checkpoints", step, artefacts.raw_state(run), functools.partial(artefacts.export, run),
+        run.optimizer.optimizer, run.lr_scheduler, run.accelerator.scaler, {"settings": portable_settings(cfg)},
+        cfg.checkpoints_total_limit, run.out, {"ema": run.ema.state_dict()} if run.ema else None,
     )  # fmt: skip
     run.record.save(step)
 
@@ -339,6 +337,8 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
         f"{run.place.mixed_precision} mixed precision"
     )
     run.transformer.train()
+    if run.text is not None:
+        run.text.train()
     bar = tqdm(total=run.max_steps, initial=start, desc="train", unit="step", disable=not run.main, dynamic_ncols=True)
     loss_sum, n, last_loss, step_times = torch.zeros((), device=run.place.device), 0, None, []
     t_log, step = time.perf_counter(), start
@@ -363,7 +363,7 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
                 run.guard.check_loss(step, float(loss_sum.sum()), run.accelerator.scaler is not None)
                 _checkpoint(run, step)
             if _validation_due(run, step) and step < run.max_steps:
-                _validate(run, step)
+                methods.validate(run, step)
             t_log += time.perf_counter() - t_pause
     bar.close()
     return step, last_loss, step_times
@@ -383,14 +383,14 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
     run.accelerator.wait_for_everyone()
     lora_path = None
     if run.main:
-        net = run.accelerator.unwrap_model(run.transformer)
-        lora_path = artefacts.save_lora_files(run.cfg, net, run.out, run.prep.src.root, step)
+        lora_path = publish.finalize(run.cfg, artefacts.export(run, run.out), run.prep.src.root, step)
         run.record.save(step, finished=True)
         folders = run.validator.folders if run.validator else []
         if run.start < run.max_steps or not any(d.name == f"step-{step}" for d in folders):
-            _validate(run, step)
+            methods.validate(run, step)
         run.stages.save(run.out / "stages.json")
-        artefacts.publish(run.cfg, run.out, run.prep.src.root, folders, step, run.say)  # model card, hub
+        write_report_safely(run.out, run.stages.records, portable_settings(run.cfg), run.say)
+        publish.publish(run.cfg, run.out, run.prep.src.root, folders, step, run.say)  # model card, hub
     run.accelerator.end_training()
     median = sorted(step_times)[len(step_times) // 2] if step_times else None
     folders = run.validator.folders if run.validator else []

@@ -26,6 +26,8 @@ class FlowSettings:
     mode_scale: float = 1.29
     precondition_outputs: bool = True
     prior_loss_weight: float = 1.0
+    loss_type: str = "l2"
+    huber_c: float = 0.1
 
 
 def flow_matching_loss(
@@ -35,10 +37,14 @@ def flow_matching_loss(
     scheduler_sigmas: torch.Tensor,
     scheduler_timesteps: torch.Tensor,
     settings: FlowSettings,
+    base_prior: Model | None = None,
 ) -> torch.Tensor:
     """Draws timesteps (global CPU RNG) and noise (x0's device RNG), runs the model, returns the scalar loss.
 
     The batch holds ``n_instance`` instance samples, then class samples weighted by ``prior_loss_weight``.
+    With ``base_prior`` (``--prior_preservation_mode base_model``) x0 holds instances only; ``model`` then runs
+    on the noisy latents twice over (instance prompts, then the class prompt) and the class half's target is
+    ``base_prior``'s prediction on the same noisy latents (the base model, class prompt, no gradient).
     """
     s = settings
     n_timesteps = len(scheduler_timesteps)  # the training scheduler's num_train_timesteps
@@ -47,7 +53,13 @@ def flow_matching_loss(
     sigma, timesteps = flow.sigmas_and_timesteps(idx, scheduler_sigmas, scheduler_timesteps, x0.ndim)
     noise = torch.randn_like(x0)
     x_t = flow.noisy_latents(x0, noise, sigma)
-    pred = flow.prediction(model(x_t, timesteps).float(), x_t, sigma, s.precondition_outputs)
     tgt = flow.target(x0, noise, s.precondition_outputs)
-    per_sample = flow.per_sample_loss(pred, tgt, flow.loss_weighting(s.weighting_scheme, sigma))
+    if base_prior is not None:
+        with torch.no_grad():
+            base = flow.prediction(base_prior(x_t, timesteps).float(), x_t, sigma, s.precondition_outputs)
+        x_t, sigma, timesteps = torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([timesteps, timesteps])
+        tgt = torch.cat([tgt, base])
+    pred = flow.prediction(model(x_t, timesteps).float(), x_t, sigma, s.precondition_outputs)
+    weighting = flow.loss_weighting(s.weighting_scheme, sigma)
+    per_sample = flow.per_sample_loss(pred, tgt, weighting, s.loss_type, s.huber_c)
     return flow.dreambooth_loss(per_sample, n_instance, s.prior_loss_weight)

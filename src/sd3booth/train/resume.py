@@ -68,6 +68,25 @@ DEFINES_RUN: tuple[str, ...] = (
     "prodigy_decouple",
     "prodigy_use_bias_correction",
     "prodigy_safeguard_warmup",
+    # issue #12's methods: the adapter, the text-encoder LoRA, the optimizers' own settings, EMA, loss, prior
+    "lora_type",
+    "lokr_factor",
+    "train_text_encoder",
+    "text_encoder_rank",
+    "lion_beta1",
+    "lion_beta2",
+    "adafactor_relative_step",
+    "adafactor_scale_parameter",
+    "adafactor_warmup_init",
+    "adafactor_clip_threshold",
+    "adafactor_decay_rate",
+    "schedulefree_r",
+    "schedulefree_weight_lr_power",
+    "use_ema",
+    "ema_decay",
+    "loss_type",
+    "huber_c",
+    "prior_preservation_mode",
 )
 
 # Settings a resume may change; the README lists them. The new value is used from the resumed step on.
@@ -111,6 +130,8 @@ MAY_CHANGE: tuple[str, ...] = (
     "mixed_precision",
     "allow_tf32",
     "num_cpu_threads",
+    "text_encoder_lr",
+    "ema_device",
 )
 
 # Not compared as settings: where things are, this command's own switches, or compared another way.
@@ -126,6 +147,7 @@ NOT_COMPARED: dict[str, str] = {
     "image_column": "the dataset is compared by content",
     "instance_prompt": "the captions are compared by content",
     "use_8bit_adam": "compared as --optimizer",
+    "use_dora": "compared as --lora_type",
     "init_lora": "only where a new run starts; a resume continues from the checkpoint",
     "lora_format": "how the result is written",
     "save_precision": "how the result is written",
@@ -141,8 +163,6 @@ NOT_COMPARED: dict[str, str] = {
             "dataloader_num_workers",
             "local_rank",
             "prior_generation_precision",
-            "train_text_encoder",
-            "text_encoder_lr",
             "adam_weight_decay_text_encoder",
         )
     },
@@ -167,6 +187,8 @@ def _value(settings: dict[str, Any], name: str) -> Any:
         return sorted({int(s) for s in str(v).split(",") if s.strip()}) if v else None
     if name == "optimizer":
         return "adamw8bit" if settings.get("use_8bit_adam") else v
+    if name == "lora_type":
+        return "dora" if settings.get("use_dora") else v
     if name == "seed":
         return v if v is not None else 0
     if name in ("pretrained_model_name_or_path", "clip_l", "clip_g", "t5xxl", "single_file_config"):
@@ -178,6 +200,15 @@ def _relevant(settings: dict[str, Any], name: str) -> bool:
     """False for a setting that has no effect under the others (a Prodigy knob on an AdamW run, ...)."""
     if name.startswith("prodigy_"):
         return _value(settings, "optimizer") == "prodigy"
+    owners = {"lion_": ("lion", "lion8bit"), "adafactor_": ("adafactor",), "schedulefree_": ("adamw_schedulefree",)}
+    for prefix, optimizers in owners.items():
+        if name.startswith(prefix):
+            return _value(settings, "optimizer") in optimizers
+    if name in ("lokr_factor", "text_encoder_rank", "ema_decay", "huber_c", "prior_preservation_mode"):
+        switch = {"lokr_factor": _value(settings, "lora_type") == "lokr", "ema_decay": settings.get("use_ema"),
+                  "text_encoder_rank": settings.get("train_text_encoder"), "huber_c": settings.get("loss_type") != "l2",
+                  "prior_preservation_mode": settings.get("with_prior_preservation")}  # fmt: skip
+        return bool(switch[name])
     if name in ("class_prompt", "num_class_images", "prior_loss_weight"):
         return bool(settings.get("with_prior_preservation"))
     if name in ("logit_mean", "logit_std"):

@@ -13,7 +13,7 @@ from sd3booth.errors import UserError
 from sd3booth.models import source
 from sd3booth.prepare import scan_data
 from sd3booth.train import checkpoint, preflight
-from sd3booth.train.artefacts import offline_message
+from sd3booth.train.publish import offline_message
 from sd3booth.train.settings import SETTINGS_FILE
 
 
@@ -40,7 +40,7 @@ def verify(cfg: TrainConfig) -> None:
     out = Path(cfg.output_dir)
     _writable_folder(out, "--output_dir")
     _writable_folder(cfg.cache_path, "--cache_dir")
-    if cfg.with_prior_preservation:
+    if cfg.class_images:
         _writable_folder(Path(cfg.class_data_dir or ""), "--class_data_dir")
     if cfg.report_to in ("tensorboard", "wandb") and importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(
@@ -55,10 +55,16 @@ def verify(cfg: TrainConfig) -> None:
         )
     if cfg.resume_from_checkpoint:
         checkpoint.find(out / "checkpoints", cfg.resume_from_checkpoint)
+    if cfg.adapter_type != "lora" and (cfg.lora_format != "diffusers" or cfg.init_lora):
+        flag = f"--lora_format {cfg.lora_format}" if cfg.lora_format != "diffusers" else "--init_lora"
+        raise UserError(
+            f"{flag} goes with --lora_type lora; a {cfg.adapter_type} adapter is saved in its own layout "
+            "(see --lora_type in --help)"
+        )
     if cfg.push_to_hub:
         from huggingface_hub import constants
 
-        if constants.HF_HUB_OFFLINE:  # fail now, not after training (the upload itself is in train.artefacts)
+        if constants.HF_HUB_OFFLINE:  # fail now, not after training (the upload itself is in train.publish)
             raise UserError(offline_message(out))
     if Path(cfg.data_dir or "").is_dir():
         scan_data(cfg, log=lambda m: None)  # data errors now, not after the text encoders ran

@@ -14,7 +14,7 @@ from lora_helpers import base_transformer as _base
 from lora_helpers import write_trained_lora  # noqa: E402, I001
 from safetensors.torch import load_file, save_file
 
-from sd3booth.adapters import formats
+from sd3booth.adapters import layouts
 from sd3booth.cli import main
 from sd3booth.models.sai_keys import transformer_to_sai
 
@@ -74,13 +74,13 @@ def test_round_trips_keep_the_factors(tiny_model, tmp_path):
     for fmt, name in chain:
         out = tmp_path / f"{name}.safetensors"
         assert main(["lora", "convert", str(prev), str(out), "--to", fmt, "--save_precision", "fp32"]) == 0
-        assert formats.read_lora(out).format == fmt
+        assert layouts.read_lora(out).format == fmt
         prev = out
-    first, last = formats.read_lora(src).modules, formats.read_lora(prev).modules
+    first, last = layouts.read_lora(src).modules, layouts.read_lora(prev).modules
     assert set(first) == set(last)
     for name, (d, u) in first.items():
         assert last[name][0].shape == d.shape  # rank 4 again, not the fused 12
-        torch.testing.assert_close(formats.delta(*last[name]), formats.delta(d, u), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layouts.delta(*last[name]), layouts.delta(d, u), rtol=1e-5, atol=1e-6)
     _assert_same(merged_by_diffusers(tiny_model, prev), merged_by_diffusers(tiny_model, src))
 
 
@@ -129,7 +129,7 @@ def test_text_encoder_layers_keep_each_tools_names(tmp_path):
         "text_encoder_2.text_model.encoder.layers.1.mlp.fc1": pair(16),
         "transformer.transformer_blocks.0.attn.to_q": pair(8),
     }
-    keys = {fmt: set(formats.to_state_dict(modules, fmt)) for fmt in formats.FORMATS}
+    keys = {fmt: set(layouts.to_state_dict(modules, fmt)) for fmt in layouts.FORMATS}
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in keys["diffusers"]
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys["kohya"]
     assert "lora_te2_text_model_encoder_layers_1_mlp_fc1.alpha" in keys["kohya"]
@@ -137,13 +137,13 @@ def test_text_encoder_layers_keep_each_tools_names(tmp_path):
         "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_up.weight"
         in keys["comfyui"]
     )
-    for fmt in formats.FORMATS:
+    for fmt in layouts.FORMATS:
         path = tmp_path / f"{fmt}.safetensors"
-        formats.write_lora(modules, path, fmt, torch.float32)
-        back = formats.read_lora(path)
+        layouts.write_lora(modules, path, fmt, torch.float32)
+        back = layouts.read_lora(path)
         assert back.format == fmt and set(back.modules) == set(modules)
         for name, (d, u) in modules.items():
-            torch.testing.assert_close(formats.delta(*back.modules[name]), formats.delta(d, u))
+            torch.testing.assert_close(layouts.delta(*back.modules[name]), layouts.delta(d, u))
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_text_encoder_layers_keep_each_tools_names(tmp_path):
     ],
 )
 def test_detection(keys, fmt):
-    assert formats.detect_format(keys) == fmt
+    assert layouts.detect_format(keys) == fmt
 
 
 def _one_line_error(capsys, argv):
@@ -190,7 +190,7 @@ def test_peft_metadata_alpha_is_honoured(tmp_path):
     meta = {"format": "pt", "lora_adapter_metadata": '{"transformer.lora_alpha": 8, "transformer.r": 2}'}
     q = "transformer.transformer_blocks.0.attn.to_q"
     save_file({f"{q}.lora_A.weight": a, f"{q}.lora_B.weight": b}, tmp_path / "p.safetensors", metadata=meta)
-    d, u = formats.read_lora(tmp_path / "p.safetensors").modules["transformer.transformer_blocks.0.attn.to_q"]
+    d, u = layouts.read_lora(tmp_path / "p.safetensors").modules["transformer.transformer_blocks.0.attn.to_q"]
     torch.testing.assert_close(u @ d, 4.0 * b @ a)
 
 
@@ -212,9 +212,9 @@ def test_sd35_medium_layers_dual_attention_and_qk_norm(tmp_path):
     modules = {f"{block}.{m}": (torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g))
                for m in ("to_q", "to_k", "to_v", "to_out.0")}  # fmt: skip
     for fmt in ("kohya", "comfyui"):
-        path = formats.write_lora(modules, tmp_path / f"{fmt}.safetensors", fmt, torch.float32)
+        path = layouts.write_lora(modules, tmp_path / f"{fmt}.safetensors", fmt, torch.float32)
         assert any("attn2" in k and "qkv" in k for k in load_file(path))
-        back_modules = formats.read_lora(path).modules
+        back_modules = layouts.read_lora(path).modules
         assert set(back_modules) == set(modules)
         for name, (d, u) in modules.items():
-            torch.testing.assert_close(formats.delta(*back_modules[name]), formats.delta(d, u))
+            torch.testing.assert_close(layouts.delta(*back_modules[name]), layouts.delta(d, u))
