@@ -80,7 +80,9 @@ def test_the_not_needed_ones_say_so_in_one_line():
     cfg = _parse(argv)
     flags = sorted(n.split()[1] for n in compat_notes(cfg))
     assert flags == ["--adam_weight_decay_text_encoder", "--cache_latents", "--dataloader_num_workers", "--local_rank",
-                     "--prior_generation_precision", "--text_encoder_lr", "--train_text_encoder"]  # fmt: skip
+                     "--prior_generation_precision"]  # fmt: skip
+    alone = _parse(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--text_encoder_lr", "1e-5"])
+    assert [n.split()[1] for n in compat_notes(alone)] == ["--text_encoder_lr"]
     assert compat_notes(_parse(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d"])) == []
 
 

@@ -20,8 +20,7 @@ from sd3booth.adapters.text_encoder import NAMES
 from sd3booth.errors import UserError
 
 
-def _check_fits(pipe: Any, path: Path, layers: layouts.Modules) -> None:
-    linears = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+def _check_fits(linears: dict[str, torch.nn.Linear], path: Path, layers: layouts.Modules) -> None:
     bad = [
         k for k, (d, u) in layers.items()
         if k.removeprefix("transformer.") not in linears
@@ -74,6 +73,8 @@ def apply_loras(pipe: Any, specs: list[tuple[Path, float]], log: Any = print) ->
     """Loads each (file, weight); returns (transformer layers applied, CLIP LoRAs by encoder for the prompts)."""
     names, weights, applied, text_parts = [], [], 0, []
     lycoris = False
+    # the Linear layers before any adapter wraps them (peft replaces each adapted one by its own module)
+    linears = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     for i, (path, weight) in enumerate(specs):
         state, _meta = layouts.open_state(path, "--lora")
         transformer, text = apply.split_state(state)
@@ -90,7 +91,7 @@ def apply_loras(pipe: Any, specs: list[tuple[Path, float]], log: Any = print) ->
         else:
             lf = layouts.read_lora(path, "--lora")
             layers = {k: v for k, v in lf.modules.items() if k.startswith("transformer.")}
-            _check_fits(pipe, path, layers)
+            _check_fits(linears, path, layers)
             applied += _load(pipe, path, layouts.to_state_dict(layers, "diffusers"), f"lora{i}", len(layers))
             names.append(f"lora{i}")
             weights.append(weight)

@@ -18,8 +18,11 @@ NOT_NEEDED = {
 
 def compat_notes(cfg: TrainConfig) -> list[str]:
     """One line per diffusers-script flag that was set to something other than its default but changes nothing."""
-    return [
+    notes = [
         f"note: --{name} is accepted but not needed: {why}; continuing"
         for name, why in NOT_NEEDED.items()
         if getattr(cfg, name) != FIELDS[name].default
     ]
+    if cfg.text_encoder_lr is not None and not cfg.train_text_encoder:  # the diffusers script ignores it too
+        notes.append("note: --text_encoder_lr has no effect without --train_text_encoder; continuing")
+    return notes

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sd3booth.config.interop import GENERATION_PRECISIONS, HELP, LORA_FORMATS, SAVE_PRECISIONS, SINGLE_FILE_FLAGS
+
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = (
@@ -33,8 +35,6 @@ ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 T5_PRECISIONS = ("auto", "bf16", "int8", "nf4", "stream", "cpu", "none")
 BASE_PRECISIONS = ("auto", "bf16", "fp8", "nf4")
 REPORTERS = ("tensorboard", "wandb", "none")
-LORA_FORMATS = ("diffusers", "kohya", "comfyui")
-SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 # Attention projections of every joint block: the diffusers reference's default LoRA targets.
 DEFAULT_LORA_LAYERS = (
     "attn.add_k_proj",
@@ -81,32 +81,11 @@ class TrainConfig:
     max_sequence_length: int = _f(
         77, "T5 tokens per caption (the reference trains with 77; the pipeline uses 256).", group="model"
     )
-    clip_l: str | None = _f(
-        None,
-        "CLIP-L encoder file (e.g. ComfyUI's clip_l.safetensors) for a single-file model that does not bundle it.",
-        group="model",
-    )
-    clip_g: str | None = _f(
-        None, "CLIP-G encoder file (clip_g.safetensors) for a single-file model that does not bundle it.", group="model"
-    )
-    t5xxl: str | None = _f(
-        None,
-        "T5-XXL encoder file (t5xxl_fp16.safetensors, or fp8 e4m3 such as t5xxl_fp8_e4m3fn.safetensors, widened "
-        "to bf16) for a single-file model that does not bundle it.",
-        group="model",
-    )
-    single_file_config: str | None = _f(
-        None,
-        "For a single-file model: the diffusers SD3 folder or hub id whose configs and tokenizers it uses (weights "
-        "not needed; default: Stability's repo of the detected model, from the HF cache or the hub).",
-        group="model",
-    )
-    init_lora: str | None = _f(
-        None,
-        "Start from this LoRA (diffusers, kohya or ComfyUI format, detected) and train on; its layers are the "
-        "targets unless --lora_layers is given, and it is fitted to --rank (SVD when smaller).",
-        group="model",
-    )
+    clip_l: str | None = _f(None, HELP["clip_l"], group="model")
+    clip_g: str | None = _f(None, HELP["clip_g"], group="model")
+    t5xxl: str | None = _f(None, HELP["t5xxl"], group="model")
+    single_file_config: str | None = _f(None, HELP["single_file_config"], group="model")
+    init_lora: str | None = _f(None, HELP["init_lora"], group="model")
     # memory
     max_vram: float | None = _f(
         None,
@@ -360,46 +339,22 @@ class TrainConfig:
     logging_steps: int = _f(
         10, "Log loss, lr, s/step and peak memory every N steps (each log waits for the GPU).", group="output"
     )
-    lora_format: str = _f(
-        "diffusers",
-        "Layout of the LoRA file: diffusers (pytorch_lora_weights.safetensors; diffusers and ComfyUI read it), kohya "
-        "(sd-scripts networks/lora_sd3.py; also lora_kohya.safetensors) or comfyui (ComfyUI's own names; also "
-        "lora_comfyui.safetensors). The diffusers file is always written.",
-        choices=LORA_FORMATS,
-        group="output",
-    )
-    save_precision: str = _f(
-        "bf16", "Tensor type of the saved LoRA file (checkpoints keep fp32 for exact resume).", choices=SAVE_PRECISIONS,
-        group="output",
-    )  # fmt: skip
-    push_to_hub: bool = _f(
-        False, "Upload the output folder (LoRA, model card, validation images) to the Hugging Face hub.", group="output"
-    )
-    hub_model_id: str | None = _f(
-        None, "Hub repository for --push_to_hub (default: the output folder's name under your account).", group="output"
-    )
-    hub_token: str | None = _f(
-        None, "Hub token for --push_to_hub (default: the stored login); never written to settings.json.", group="output"
-    )
+    lora_format: str = _f("diffusers", HELP["lora_format"], choices=LORA_FORMATS, group="output")
+    save_precision: str = _f("bf16", HELP["save_precision"], choices=SAVE_PRECISIONS, group="output")
+    push_to_hub: bool = _f(False, HELP["push_to_hub"], group="output")
+    hub_model_id: str | None = _f(None, HELP["hub_model_id"], group="output")
+    hub_token: str | None = _f(None, HELP["hub_token"], group="output")
 
-    # diffusers-script compatibility: flags of train_dreambooth_lora_sd3.py that this tool does not need
-    dataset_config_name: str | None = _f(
-        None, "Config of the --dataset_name hub dataset, if it has several.", group="compat"
-    )
-    upcast_before_saving: bool = _f(False, "Save the LoRA in fp32 (the same as --save_precision fp32).", group="compat")
-    cache_latents: bool = _f(False, "Accepted for the diffusers script; latents are always cached.", group="compat")
-    dataloader_num_workers: int = _f(
-        0, "Accepted for the diffusers script; batches come from in-memory caches, no loader workers.", group="compat"
-    )
-    local_rank: int = _f(-1, "Accepted for the diffusers script; accelerate launch sets each process's rank.",
-                         group="compat")  # fmt: skip
+    # diffusers-script compatibility: flags of train_dreambooth_lora_sd3.py (config.compat notes the no-ops)
+    dataset_config_name: str | None = _f(None, HELP["dataset_config_name"], group="compat")
+    upcast_before_saving: bool = _f(False, HELP["upcast_before_saving"], group="compat")
+    cache_latents: bool = _f(False, HELP["cache_latents"], group="compat")
+    dataloader_num_workers: int = _f(0, HELP["dataloader_num_workers"], group="compat")
+    local_rank: int = _f(-1, HELP["local_rank"], group="compat")
     prior_generation_precision: str | None = _f(
-        None, "Accepted for the diffusers script; class images are generated in the run's precision.",
-        choices=("no", "fp32", "fp16", "bf16"), group="compat",
-    )  # fmt: skip
-    adam_weight_decay_text_encoder: float = _f(
-        1e-3, "Accepted for the diffusers script; the text-encoder LoRA uses --adam_weight_decay.", group="compat"
+        None, HELP["prior_generation_precision"], choices=GENERATION_PRECISIONS, group="compat"
     )
+    adam_weight_decay_text_encoder: float = _f(1e-3, HELP["adam_weight_decay_text_encoder"], group="compat")
 
     # ---- derived views -------------------------------------------------------------------------------
     @property
@@ -445,12 +400,7 @@ class TrainConfig:
     @property
     def model_files(self) -> dict[str, str | None]:
         """The single-file flags, as keyword arguments of ``models.source.resolve_model``."""
-        return {
-            "clip_l": self.clip_l,
-            "clip_g": self.clip_g,
-            "t5xxl": self.t5xxl,
-            "single_file_config": self.single_file_config,
-        }
+        return {name: getattr(self, name) for name in SINGLE_FILE_FLAGS}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
