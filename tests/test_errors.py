@@ -41,7 +41,7 @@ def _offline():
 
 @pytest.fixture(scope="session")
 def tiny_sd3(_offline, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random SD3 pipeline (about 1.5 MB), written once per session."""
+    """A tiny random SD3 pipeline (about 6 MB), written once per session."""
     from sd3booth.random_model import write_random_model
 
     return Path(write_random_model(tmp_path_factory.mktemp("tiny-sd3-errors"), "tiny", device="cpu"))

@@ -95,7 +95,7 @@ def test_read_sizes_matches_torch(tiny_model):
     # "other" is everything stored outside the joint blocks: parameters and the pos_embed buffer, which is
     # in the checkpoint and on the GPU as well (memory, not trainable parameters, is what the planner needs)
     assert sizes.other_params == state - sum(blocks) == params - sum(blocks) + pos_embed
-    assert sizes.hidden == tr.config.num_attention_heads * tr.config.attention_head_dim == 32
+    assert sizes.hidden == tr.config.num_attention_heads * tr.config.attention_head_dim == 128
     assert sizes.transformer_params == max(blocks) * len(blocks) + sizes.other_params
     assert sizes.transformer_params >= state  # the largest block times n: conservative
 

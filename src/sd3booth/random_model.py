@@ -1,10 +1,27 @@
 """Random-weight SD3 pipelines in diffusers layout, built offline.
 
-``tiny`` is for tests and the demo (a few MB, CPU-fast). The true-size architectures have the real
-layer shapes (../shared/notes/sd3-facts.md §1), so memory and speed measured on them are the real ones;
-random weights say nothing about image quality. Tokenizers are built here from a byte-level vocabulary
-(CLIP) and a character unigram vocabulary (T5) because the real ones cannot be downloaded at run time;
-they tokenise differently from the real ones, but every shape the trainer sees is the same.
+``tiny`` is for tests and the demo (1.3 M parameters, about 6 MB, CPU-fast), and it is shaped so that it can
+learn and so that other tools read it as an SD3:
+
+* attention head dimension 64 and as many blocks as heads (2 heads, width 128). ComfyUI's model detection
+  reads an MMDiT's size from tensor shapes alone: depth = width of ``x_embedder`` (``pos_embed.proj``) / 64,
+  heads = blocks = depth; its ``context_embedder`` comes from that tensor's shape. Any other head size or
+  block count loads wrongly or not at all there.
+* width at least one latent patch (2 x 2 x 16 = 64 values). A random transformer is no denoiser, so a LoRA
+  trained on it must learn the per-token path from noisy latent to velocity; through ``proj_out`` that needs
+  rank 64 over a patch, which a narrower model cannot hold (tests/test_learning.py).
+* ``joint_attention_dim`` = the tiny T5's ``d_model`` (the CLIP embeddings, 32 + 32 wide, are zero-padded to
+  it) and ``pooled_projection_dim`` = CLIP-L + CLIP-G projection dims (the pipeline concatenates the two
+  pooled embeddings).
+* a VAE with the real SD3 VAE's structure (4 blocks, 16 latent channels, no quant convs, the real scaling and
+  shift factors), narrower, whose posterior log-variance is set strongly negative (:func:`quiet_posterior`):
+  with random weights the posterior noise (std 1.5 after scaling) would swamp the image latent (std 0.5).
+
+The true-size architectures have the real layer shapes (../shared/notes/sd3-facts.md §1), so memory and speed
+measured on them are the real ones; random weights say nothing about image quality. Tokenizers are built here
+from a byte-level vocabulary (CLIP) and a character unigram vocabulary (T5) because the real ones cannot be
+downloaded at run time; they tokenise differently from the real ones, but every shape the trainer sees is the
+same.
 """
 
 from __future__ import annotations
@@ -83,6 +100,10 @@ _SD3_COMMON = dict(
 )
 
 
+_TINY_HEADS = 2
+POSTERIOR_LOGVAR = -12.0  # posterior std exp(-6) = 0.0025, 0.004 after scaling
+
+
 def get_arch(name: str) -> Arch:
     """The component configs of one architecture."""
     if name == "tiny":
@@ -92,12 +113,12 @@ def get_arch(name: str) -> Arch:
                 patch_size=2,
                 in_channels=16,
                 out_channels=16,
-                num_layers=2,
-                attention_head_dim=16,
-                num_attention_heads=2,
-                joint_attention_dim=64,
-                caption_projection_dim=32,
-                pooled_projection_dim=64,
+                num_layers=_TINY_HEADS,  # ComfyUI builds as many blocks as heads
+                attention_head_dim=64,  # ComfyUI derives heads as width / 64
+                num_attention_heads=_TINY_HEADS,
+                joint_attention_dim=64,  # the tiny T5's d_model
+                caption_projection_dim=_TINY_HEADS * 64,
+                pooled_projection_dim=64,  # CLIP-L projection + CLIP-G projection, concatenated
                 pos_embed_max_size=32,
             ),
             vae=dict(
@@ -210,6 +231,24 @@ def write_t5_tokenizer(folder: Path) -> Any:
     return tok
 
 
+def quiet_posterior(vae: Any, logvar: float = POSTERIOR_LOGVAR) -> Any:
+    """Makes a random VAE's posterior nearly deterministic, as a trained one is.
+
+    The encoder's ``conv_out`` gives the mean and the log-variance halves of the latent distribution. Random
+    weights make the log-variance about 0 (std 1, 1.5 after the scaling factor), three times the spread of
+    the mean over an image (0.5), so latents sampled in training would be mostly noise. The log-variance half
+    is set to about ``logvar`` (std exp(logvar / 2)): weights scaled by 0.01, bias ``logvar``.
+    """
+    import torch
+
+    conv = vae.encoder.conv_out
+    half = conv.out_channels // 2
+    with torch.no_grad():
+        conv.weight[half:].mul_(0.01)
+        conv.bias[half:].fill_(logvar)
+    return vae
+
+
 def _save(model: Any, folder: Path) -> None:
     # shards as the published checkpoints have them (T5-XXL: two files of ~5 GB; transformers: diffusers' 10 GB),
     # so what loading passes through host memory (one mapped shard at a time) is the real amount
@@ -272,7 +311,7 @@ def write_random_model(out_dir: str | Path, arch: str = "tiny", seed: int = 0, d
         "text_encoder_3",
     )
     build(lambda: SD3Transformer2DModel(**spec.transformer), "transformer")
-    build(lambda: AutoencoderKL(**spec.vae), "vae")
+    build(lambda: quiet_posterior(AutoencoderKL(**spec.vae)), "vae")
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(out / "scheduler")
 
     index = {
