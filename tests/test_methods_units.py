@@ -136,7 +136,6 @@ def test_planner_knows_the_methods(tiny_model):
 
 BAD = {
     "dora alias with loha": (["--use_dora", "--lora_type", "loha"], "--use_dora conflicts with --lora_type loha"),
-    "te lr without te": (["--text_encoder_lr", "1e-5"], "--text_encoder_lr needs --train_text_encoder"),
     "te rank without te": (["--text_encoder_rank", "8"], "--text_encoder_rank needs --train_text_encoder"),
     "base prior without class prompt": (
         ["--with_prior_preservation", "--prior_preservation_mode", "base_model"],

@@ -350,7 +350,12 @@ def test_damaged_model_weights(first_run, tmp_path, capsys):
 
 
 def test_generate_lora_without_settings_needs_a_model(first_run, tmp_path, capsys):
-    shutil.copy(first_run.out / "pytorch_lora_weights.safetensors", tmp_path)
+    """No settings.json beside the LoRA and no base model in its header (a file from another tool)."""
+    from safetensors.torch import load_file, save_file
+
+    save_file(
+        load_file(first_run.out / "pytorch_lora_weights.safetensors"), tmp_path / "pytorch_lora_weights.safetensors"
+    )
     rc, o, e = run_cli(gen_args("--lora", str(tmp_path / "pytorch_lora_weights.safetensors")), capsys)
     one_line(rc, o, e, "no base model", "--pretrained_model_name_or_path")
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-from sd3booth import configure_environment
-from sd3booth.config import FIELDS, add_train_arguments, build_config, closest
+from sd3booth import configure_environment, generate_cli, lora_cli
+from sd3booth.config import FIELDS, add_train_arguments, build_config, closest, compat_notes
 from sd3booth.errors import UserError, explain
 
 DEBUG_FLAG = "--debug"
@@ -50,42 +49,6 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return ns
 
 
-def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--lora", required=True, help="A pytorch_lora_weights.safetensors file, or the output folder of a run."
-    )
-    p.add_argument("--prompt", required=True, help="What to draw.")
-    p.add_argument(
-        "--pretrained_model_name_or_path", help="Base model (default: the one in settings.json beside the LoRA)."
-    )
-    p.add_argument("--num_images", type=int, default=4, help="Images to write. [default: 4]")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i. [default: 0]")
-    p.add_argument("--num_inference_steps", type=int, default=28, help="Sampling steps. [default: 28]")
-    p.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance. [default: 7.0]")
-    p.add_argument(
-        "--resolution",
-        type=int,
-        help="Image size, a multiple of 16 (default: the training resolution, else the model's native size).",
-    )
-    p.add_argument("--width", type=int, help="Image width, a multiple of 16 (default: --resolution).")
-    p.add_argument("--height", type=int, help="Image height, a multiple of 16 (default: --resolution).")
-    p.add_argument(
-        "--max_sequence_length",
-        type=int,
-        help="T5 tokens of the prompt (default: the training run's, else 256).",
-    )
-    p.add_argument(
-        "--t5_precision",
-        choices=["auto", "bf16", "int8", "nf4", "stream", "cpu", "none"],
-        help="How T5 runs while the prompt is encoded (default: the training run's, else auto = the planner's).",
-    )
-    p.add_argument("--output_dir", default="generated", help="Where the PNGs go. [default: generated]")
-    p.add_argument("--cache_dir", help="Text-embedding cache (default: OUTPUT_DIR/cache).")
-    p.add_argument(
-        "--num_cpu_threads", type=int, help="CPU threads for torch (default on a CPU-only machine: see train --help)."
-    )
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     root = _Parser(prog="sd3booth", description="DreamBooth LoRA training for Stable Diffusion 3 / 3.5.")
     sub = root.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -99,8 +62,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     add_train_arguments(p)
     p = subs["prepare"] = sub.add_parser("prepare", help="Only the caching stages (embeddings, class images, latents).")
     add_train_arguments(p)
-    p = subs["generate"] = sub.add_parser("generate", help="PNGs from the base model plus one LoRA.")
-    _add_generate_arguments(p)
+    subs["generate"] = generate_cli.add_parser(sub)
     p = subs["random-model"] = sub.add_parser(
         "random-model", help="Write a random-weight SD3 pipeline (tests, benchmarks)."
     )
@@ -146,6 +108,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         " runs named in its calibration-sources.json) and write it over the packaged one (docs/calibration.md).",
     )
     p.add_argument("--calibration_out", help="--refit: write here instead of the packaged calibration.json.")
+    subs["lora"] = lora_cli.add_parser(sub)
     p = subs["demo"] = sub.add_parser("demo", help="A whole run on a tiny random model and a bundled dataset, on CPU.")
     p.add_argument("--output_dir", default="sd3booth-demo", help="Where the demo run goes. [default: sd3booth-demo]")
     _add_first_hour_commands(sub, subs)
@@ -170,6 +133,8 @@ def _cpu_run() -> bool:
 
 def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
     cfg = build_config(vars(ns))
+    for note in compat_notes(cfg):  # flags of the diffusers script that change nothing here
+        print(note, file=sys.stderr)
     from sd3booth.models.threads import configure_threads
 
     configure_threads(cfg.num_cpu_threads, _cpu_run())
@@ -187,106 +152,6 @@ def _cmd_train(ns: argparse.Namespace, prepare_only: bool) -> int:
         print(f"LoRA:   {result.lora_path}")
         print(f"report: {result.output_dir / REPORT_FILE}")
         print(f"draw:   {generate_command(result.output_dir, cfg.to_dict())}")
-    return 0
-
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-def _lora_file(given: str) -> Path:
-    """The LoRA file ``--lora`` names: a file, or a run's output folder holding one; UserError otherwise."""
-    p = Path(given).expanduser()
-    if p.is_dir():
-        if (p / LORA_FILE).is_file():
-            return p / LORA_FILE
-        raise UserError(
-            f"--lora {given} is a folder without {LORA_FILE}; pass the LoRA file, or the output folder of a "
-            "finished run"
-        )
-    if not p.exists():
-        raise UserError(f"--lora {given} does not exist; pass the {LORA_FILE} a training run wrote")
-    from sd3booth.models.files import damage
-
-    reason = damage(p)
-    if reason:
-        raise UserError(f"--lora {p} is damaged or not a safetensors file ({reason}); pass a whole {LORA_FILE}")
-    return p
-
-
-def _check_generate_flags(ns: argparse.Namespace) -> None:
-    for name in ("num_images", "num_inference_steps", "max_sequence_length", "num_cpu_threads"):
-        value = getattr(ns, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
-    if ns.resolution is not None and (ns.resolution < 16 or ns.resolution % 16):
-        raise UserError(f"--resolution {ns.resolution} must be a positive multiple of 16 (VAE factor 8 x patch size 2)")
-
-
-def _lora_settings(lora_path: Path) -> dict[str, Any]:
-    """The settings of the run that wrote the LoRA (settings.json beside it), {} if there is none."""
-    settings_file = lora_path.parent / "settings.json"
-    if not settings_file.is_file():
-        return {}
-    try:
-        record = json.loads(settings_file.read_text(encoding="utf-8"))
-        settings = record.get("settings", {}) if isinstance(record, dict) else {}
-        return settings if isinstance(settings, dict) else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        print(f"warning: {settings_file} cannot be read ({type(e).__name__}); its settings are not used",
-              file=sys.stderr)  # fmt: skip
-        return {}
-
-
-def _cmd_generate(ns: argparse.Namespace) -> int:
-    from sd3booth.config import TrainConfig
-    from sd3booth.models import placement, source
-    from sd3booth.models.threads import configure_threads
-    from sd3booth.sample import generate_with_lora
-
-    _check_generate_flags(ns)
-    lora_path = _lora_file(ns.lora)
-    settings = _lora_settings(lora_path)
-    model = ns.pretrained_model_name_or_path or settings.get("pretrained_model_name_or_path")
-    if not model:
-        raise UserError(
-            f"generate: no base model: no settings.json beside {lora_path} names one; pass "
-            "--pretrained_model_name_or_path"
-        )
-    configure_threads(ns.num_cpu_threads, _cpu_run())
-    out = Path(ns.output_dir)
-    src = source.resolve_model(model)
-    largest, native = source.resolution_limits(src)  # the default fits the model's position embedding
-    resolution = ns.resolution or settings.get("resolution") or min(x for x in (native or 1024, largest) if x)
-    source.check_resolution(src, resolution)
-    for flag, value in (("--width", ns.width), ("--height", ns.height)):
-        if value is not None:
-            source.check_resolution(src, value, flag)
-    size = (ns.width or resolution, ns.height or resolution)
-    # the placement the training run got (its settings, else a default run's), so both share text-cache entries
-    run = TrainConfig(
-        pretrained_model_name_or_path=model,
-        resolution=resolution,
-        t5_precision=ns.t5_precision or settings.get("t5_precision") or "auto",
-        max_sequence_length=ns.max_sequence_length or settings.get("max_sequence_length") or 256,
-        mixed_precision=settings.get("mixed_precision"),
-    )
-    place = placement.place_run(run, src.root, placement.detect_device())
-    paths = generate_with_lora(
-        model,
-        lora_path,
-        ns.prompt,
-        out,
-        ns.num_images,
-        ns.seed,
-        ns.num_inference_steps,
-        ns.guidance_scale,
-        size,
-        run.max_sequence_length,
-        place,
-        Path(ns.cache_dir) if ns.cache_dir else out / "cache",
-    )
-    for p in paths:
-        print(p)
     return 0
 
 
@@ -353,7 +218,9 @@ def _dispatch(argv: list[str], root: argparse.ArgumentParser, subs: dict[str, ar
     if command in ("train", "prepare"):
         return _cmd_train(ns, prepare_only=command == "prepare")
     if command == "generate":
-        return _cmd_generate(ns)
+        return generate_cli.run(ns)
+    if command == "lora":
+        return lora_cli.run(ns, subs["lora"])
     if command == "random-model":
         return _cmd_random_model(ns)
     if command == "bench":

@@ -163,11 +163,12 @@ def _materialize_hub_dataset(cfg: TrainConfig, log: Callable[[str], None]) -> Pa
             "pip install datasets, or pass a local folder"
         ) from None
     name = cfg.dataset_name or ""
-    out = cfg.cache_path / "datasets" / hashlib.sha256(f"{name}@{cfg.revision}".encode()).hexdigest()[:16]
+    tag = f"{name}@{cfg.revision}" + (f"/{cfg.dataset_config_name}" if cfg.dataset_config_name else "")
+    out = cfg.cache_path / "datasets" / hashlib.sha256(tag.encode()).hexdigest()[:16]
     if (out / dataset.METADATA_FILE).is_file():
         return out
     try:
-        ds = load_dataset(name, split="train")
+        ds = load_dataset(name, cfg.dataset_config_name, split="train")
     except Exception as e:  # noqa: BLE001 - any loading failure means the same to the user
         raise UserError(f"could not load dataset {name} ({type(e).__name__}); check the id and network") from None
     image_col = cfg.image_column or "image"
@@ -285,7 +286,7 @@ def prepare(
     stage: Callable[[str], AbstractContextManager] = lambda name: nullcontext(),
 ) -> Prepared:
     """Runs every caching stage that is not already cached; returns the index for the trainer."""
-    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
     concepts = run_concepts(cfg)
     instances = scan_data(cfg, log)
     sizes, on, scales = concepts_.training_sizes(instances, concepts, cfg.enable_bucket, bucket_settings(cfg, src))
@@ -322,7 +323,7 @@ def prepare_command(cfg: TrainConfig, log: Callable[[str], None] = print) -> Pre
     from sd3booth.tracking import Stages
 
     source.quiet_libraries()
-    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
     # the same decision as `train`, for the largest training size
     place = placement.place_run(cfg, src.root, placement.detect_device(), train_size=train_size(cfg, src))
     stages = Stages(place.device)

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from sd3booth.adapters.apply import apply_file
 from sd3booth.cache.text import TextEmbedding
 from sd3booth.models.placement import Placement
 
@@ -94,48 +93,42 @@ def save_images(images: list[Any], folder: Path, prefix: str = "") -> list[Path]
 
 
 def generate_with_lora(
-    model: str,
-    lora_path: Path | None,
+    src: Any,
+    loras: list[tuple[Path, float]],
     prompt: str,
+    negative_prompt: str,
     out_dir: Path,
     num_images: int,
     seed: int,
     steps: int,
     guidance: float,
-    resolution: int | tuple[int, int],
+    size: tuple[int, int],
     max_sequence_length: int,
     place: Placement,
     cache_dir: Path,
     log: Any = print,
 ) -> list[Path]:
-    """``sd3booth generate``: encode the prompt through the text cache, then sample base model + LoRA."""
+    """``sd3booth generate``: encode the prompts through the text cache, then sample base model + LoRAs."""
     from sd3booth.cache import text as cache_text
-    from sd3booth.errors import UserError
     from sd3booth.models import loaders, source
 
     source.quiet_libraries()
-    src = source.resolve_model(model)
     device = place.device
-    keys = cache_text.ensure_text_embeddings([prompt, ""], src, place, cache_dir, max_sequence_length, log)
+    keys = cache_text.ensure_text_embeddings([prompt, negative_prompt], src, place, cache_dir, max_sequence_length, log)
     emb = cache_text.load_text_embeddings(keys.values(), cache_dir, place.weight_dtype)
     pipe = make_pipeline(
         loaders.load_transformer(src, place), loaders.load_vae(src, place), loaders.load_scheduler(src)
     )
-    text_lora: dict[str, Any] = {}
-    if lora_path is not None:
-        if not lora_path.is_file():
-            raise UserError(f"--lora {lora_path} does not exist; pass a pytorch_lora_weights.safetensors file")
-        try:
-            text_lora = apply_file(pipe, lora_path)
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a file of another model or format
-            raise UserError(
-                f"--lora {lora_path} does not fit this model ({type(e).__name__}: {e})".replace("\n", " ")
-            ) from None
-    positive, negative = emb[keys[prompt]], emb[keys[""]]
-    if text_lora:  # the CLIP part of both prompts through the file's text-encoder LoRA; T5's from the cache
-        positive, negative = _encode_with_text_lora(src, place, text_lora, prompt, positive, negative)
+    positive, negative = emb[keys[prompt]], emb[keys[negative_prompt]]
+    if loras:
+        from sd3booth.adapters.mix import apply_loras
+
+        n, text_lora = apply_loras(pipe, loras, log)
+        log(f"applied {len(loras)} adapter file(s), {n} layers, weights {', '.join(f'{w:g}' for _, w in loras)}")
+        if text_lora:  # the CLIP part of both prompts through the files' text-encoder LoRA; T5's from the cache
+            positive, negative = _encode_with_text_lora(
+                src, place, text_lora, (prompt, negative_prompt), (positive, negative)
+            )
     autocast = place.weight_dtype if place.weight_dtype != torch.float32 else None
     images = generate(
         pipe,
@@ -143,7 +136,7 @@ def generate_with_lora(
         negative,
         num_images,
         seed,
-        resolution,
+        size,
         steps,
         guidance,
         device,
@@ -153,8 +146,8 @@ def generate_with_lora(
 
 
 def _encode_with_text_lora(
-    src: Any, place: Placement, text_lora: dict[str, Any], prompt: str, positive: TextEmbedding,
-    negative: TextEmbedding,
+    src: Any, place: Placement, text_lora: dict[str, Any], prompts: tuple[str, str],
+    cached: tuple[TextEmbedding, TextEmbedding],
 ) -> tuple[TextEmbedding, TextEmbedding]:  # fmt: skip
     from sd3booth.adapters import text_encoder as clip_lora
     from sd3booth.models import loaders
@@ -166,8 +159,8 @@ def _encode_with_text_lora(
             clip_lora.lora_from_state(enc, text_lora[name])
         tokenizers.append(tok)
         encoders.append(enc)
-    text = clip_lora.TextEncoders(encoders, place.device, clip_lora.token_ids(tokenizers, [prompt, ""]))
+    text = clip_lora.TextEncoders(encoders, place.device, clip_lora.token_ids(tokenizers, list(prompts)))
     with torch.autocast(place.device.type, dtype=place.text_dtype, enabled=place.text_dtype != torch.float32):
-        out = text.embedding(prompt, positive), text.embedding("", negative)
+        out = text.embedding(prompts[0], cached[0]), text.embedding(prompts[1], cached[1])
     loaders.free(*encoders)
     return out

@@ -23,7 +23,9 @@ def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     return rest, {n: part for n, part in text.items() if part}
 
 
-def apply_lycoris(transformer: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> int:
+def apply_lycoris(
+    transformer: torch.nn.Module, state: dict[str, torch.Tensor], source: str, multiplier: float = 1.0
+) -> int:
     """Hooks a LoHa/LoKr state (LyCORIS layout) into the transformer's Linear layers; returns the modules hooked.
 
     LyCORIS' forward path, not its ``merge_to``: in lycoris-lora 4.1.3 merging a LoHa applies alpha/rank twice
@@ -34,7 +36,7 @@ def apply_lycoris(transformer: torch.nn.Module, state: dict[str, torch.Tensor], 
     if any(not isinstance(m.weight, torch.nn.Parameter) or m.weight.dtype == torch.uint8
            for m in transformer.modules() if isinstance(m, torch.nn.Linear)):  # fmt: skip
         raise UserError(f"{source}: LoHa/LoKr files apply to bf16/fp32 weights, not quantised ones; raise --max_vram")
-    network, _ = create_lycoris_from_weights(1.0, "", transformer, weights_sd=state)
+    network, _ = create_lycoris_from_weights(multiplier, "", transformer, weights_sd=state)
     if len(network.loras) != len(wanted):
         raise UserError(f"{source}: {len(wanted) - len(network.loras)} adapted module(s) are not in this model")
     param = next(transformer.parameters())

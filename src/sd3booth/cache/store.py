@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sd3booth.errors import UserError
+from sd3booth.fileio import as_if_created
 from sd3booth.models.files import Expected, damage
 
 # room kept free beside anything written: a disk filled to the last byte breaks more than this program
@@ -107,6 +108,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        as_if_created(tmp)  # mkstemp makes 0600; settings.json and logs are for everyone
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -153,6 +155,7 @@ class TensorStore:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=metadata)
+            as_if_created(tmp)  # mkstemp makes 0600; the cache is shared
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -11,6 +11,26 @@ from sd3booth.config.files import load_config_file
 from sd3booth.config.settings import FIELDS, TrainConfig
 
 
+class BoolFlag(argparse.Action):
+    """``--flag``, ``--no-flag``, and ``--flag true|false`` as the diffusers script's ``type=bool`` flags are
+    written (``--prodigy_decouple True``)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: Any) -> None:
+        names = [n for o in option_strings for n in (o, "--no-" + o[2:])]
+        super().__init__(names, dest, nargs="?", metavar="true|false", **kw)
+
+    def __call__(self, parser: Any, ns: Any, values: Any, option_string: str | None = None) -> None:
+        if (option_string or "").startswith("--no-"):
+            if values is not None:
+                raise argparse.ArgumentError(self, f"takes no value, got {values!r}")
+            setattr(ns, self.dest, False)
+            return
+        word = "true" if values is None else str(values).lower()
+        if word not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            raise argparse.ArgumentError(self, f"expects true or false, got {values!r}")
+        setattr(ns, self.dest, word in ("true", "1", "yes", "on"))
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per TrainConfig field. Defaults are suppressed so we know which flags were given."""
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -22,7 +42,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata["help"] + f" [default: {f.default}]"
         kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
         if kind.startswith("bool"):
-            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+            g.add_argument(f"--{f.name}", action=BoolFlag, **kw)
             continue
         if kind.startswith("list"):  # repeatable: --validation_prompt a --validation_prompt b
             kw["action"] = "append"

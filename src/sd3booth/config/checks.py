@@ -136,10 +136,9 @@ def _check_methods(cfg: TrainConfig, bad: Callable[[str], None]) -> None:
         bad("--lora_type dora reads the base weights, which fp8 storage hides; use --base_precision bf16 or nf4")
     if kind in ("loha", "lokr") and cfg.base_precision == "nf4":
         bad(f"--lora_type {kind} needs unquantised base weights; use --base_precision bf16 or fp8")
-    if not cfg.train_text_encoder:
-        for name in ("text_encoder_lr", "text_encoder_rank"):
-            if getattr(cfg, name) is not None:
-                bad(f"--{name} needs --train_text_encoder")
+    # --text_encoder_lr alone is accepted as the diffusers script accepts it (config.compat notes it)
+    if not cfg.train_text_encoder and cfg.text_encoder_rank is not None:
+        bad("--text_encoder_rank needs --train_text_encoder")
     if cfg.text_encoder_rank is not None and cfg.text_encoder_rank < 1:
         bad(f"--text_encoder_rank must be at least 1, got {cfg.text_encoder_rank}")
     if cfg.text_encoder_lr is not None and cfg.text_encoder_lr <= 0:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sd3booth.config.interop import GENERATION_PRECISIONS, HELP, LORA_FORMATS, SAVE_PRECISIONS, SINGLE_FILE_FLAGS
+
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = (
@@ -62,7 +64,8 @@ class TrainConfig:
     # model
     pretrained_model_name_or_path: str | None = _f(
         None,
-        "Base model: a local diffusers SD3 folder or a Hugging Face hub id (SD3 Medium, SD3.5 Medium/Large).",
+        "Base model: a local diffusers SD3 folder, a Hugging Face hub id, or a single .safetensors file (SD3 Medium, "
+        "SD3.5 Medium/Large; with or without bundled encoders, see --clip_l/--clip_g/--t5xxl).",
         group="model",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.", group="model")
@@ -78,6 +81,11 @@ class TrainConfig:
     max_sequence_length: int = _f(
         77, "T5 tokens per caption (the reference trains with 77; the pipeline uses 256).", group="model"
     )
+    clip_l: str | None = _f(None, HELP["clip_l"], group="model")
+    clip_g: str | None = _f(None, HELP["clip_g"], group="model")
+    t5xxl: str | None = _f(None, HELP["t5xxl"], group="model")
+    single_file_config: str | None = _f(None, HELP["single_file_config"], group="model")
+    init_lora: str | None = _f(None, HELP["init_lora"], group="model")
     # memory
     max_vram: float | None = _f(
         None,
@@ -362,6 +370,22 @@ class TrainConfig:
     logging_steps: int = _f(
         10, "Log loss, lr, s/step and peak memory every N steps (each log waits for the GPU).", group="output"
     )
+    lora_format: str = _f("diffusers", HELP["lora_format"], choices=LORA_FORMATS, group="output")
+    save_precision: str = _f("bf16", HELP["save_precision"], choices=SAVE_PRECISIONS, group="output")
+    push_to_hub: bool = _f(False, HELP["push_to_hub"], group="output")
+    hub_model_id: str | None = _f(None, HELP["hub_model_id"], group="output")
+    hub_token: str | None = _f(None, HELP["hub_token"], group="output")
+
+    # diffusers-script compatibility: flags of train_dreambooth_lora_sd3.py (config.compat notes the no-ops)
+    dataset_config_name: str | None = _f(None, HELP["dataset_config_name"], group="compat")
+    upcast_before_saving: bool = _f(False, HELP["upcast_before_saving"], group="compat")
+    cache_latents: bool = _f(False, HELP["cache_latents"], group="compat")
+    dataloader_num_workers: int = _f(0, HELP["dataloader_num_workers"], group="compat")
+    local_rank: int = _f(-1, HELP["local_rank"], group="compat")
+    prior_generation_precision: str | None = _f(
+        None, HELP["prior_generation_precision"], choices=GENERATION_PRECISIONS, group="compat"
+    )
+    adam_weight_decay_text_encoder: float = _f(1e-3, HELP["adam_weight_decay_text_encoder"], group="compat")
 
     # ---- derived views -------------------------------------------------------------------------------
     @property
@@ -409,6 +433,11 @@ class TrainConfig:
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+
+    @property
+    def model_files(self) -> dict[str, str | None]:
+        """The single-file flags, as keyword arguments of ``models.source.resolve_model``."""
+        return {name: getattr(self, name) for name in SINGLE_FILE_FLAGS}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -42,12 +42,17 @@ class ModelSource:
     name: str
     revision: str | None = None
     variant: str | None = None
+    identities: tuple[tuple[str, str], ...] = ()  # single files: component -> hash of the source file's content
 
     def identity(self, component: str) -> str:
         """A short hash that changes when the component's config or weight files change.
 
-        Hashing file names, sizes and mtimes instead of contents keeps this instant for 10 GB files.
+        Hashing file names, sizes and mtimes instead of contents keeps this instant for 10 GB files. A model
+        converted from single files keeps the identities of its source files' contents (models.single_file).
         """
+        known = dict(self.identities)
+        if component in known:
+            return known[component]
         h = hashlib.sha256(component.encode())
         folder = self.root / component
         for p in sorted(folder.rglob("*")) if folder.is_dir() else []:
@@ -87,14 +92,26 @@ def hub_error_message(what: str, e: BaseException) -> str:
     )
 
 
-def resolve_model(name_or_path: str, revision: str | None = None, variant: str | None = None) -> ModelSource:
-    """Finds the checkpoint folder and checks it is an SD3 diffusers pipeline; UserError otherwise."""
+def resolve_model(
+    name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    *,
+    clip_l: str | None = None,
+    clip_g: str | None = None,
+    t5xxl: str | None = None,
+    single_file_config: str | None = None,
+) -> ModelSource:
+    """Finds the checkpoint folder and checks it is an SD3 diffusers pipeline; UserError otherwise.
+
+    A single ``.safetensors`` file (with or without bundled encoders, plus encoder files given apart) is
+    converted once to a diffusers folder (models.single_convert) and keeps its files' content identities.
+    """
     p = Path(name_or_path).expanduser()
-    if p.suffix in (".safetensors", ".ckpt") and p.is_file():
-        raise UserError(
-            f"{p} is a single-file checkpoint; convert it once with diffusers "
-            "(StableDiffusion3Pipeline.from_single_file(...).save_pretrained(DIR)) and pass DIR"
-        )
+    if p.is_file() or p.suffix in (".safetensors", ".ckpt", ".pt", ".pth"):
+        return _single_file(p, variant, {"clip_l": clip_l, "clip_g": clip_g, "t5xxl": t5xxl}, single_file_config)
+    if any((clip_l, clip_g, t5xxl)):
+        raise UserError("--clip_l, --clip_g and --t5xxl go with a single-file --pretrained_model_name_or_path")
     if not p.exists():
         if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
             raise UserError(f"model {name_or_path} not found: pass a local SD3 diffusers folder or a hub id")
@@ -170,3 +187,17 @@ def check_resolution(src: ModelSource, resolution: int, flag: str = "--resolutio
             f"{flag} {resolution} is larger than this model supports ({largest} px: its position embedding "
             f"covers {largest // 16} x {largest // 16} patches); pass {flag} {largest} or less"
         )
+
+
+def _single_file(path: Path, variant: str | None, encoders: dict[str, str | None], config: str | None) -> ModelSource:
+    from sd3booth.models import single_convert, single_file
+
+    if variant:
+        raise UserError(f"--variant {variant} applies to diffusers folders, not to the single file {path}")
+    files = single_file.inspect_files(path, encoders)
+    root = single_convert.materialise(files, single_file.resolve_config_source(config, files.shape))
+    identities = dict(files.identities())
+    for tok in ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"):
+        if (root / tok).is_dir():
+            identities[tok] = single_convert.folder_identity(root / tok)
+    return ModelSource(root=root, name=str(path.resolve()), identities=tuple(sorted(identities.items())))

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from sd3booth.cache.store import check_free_space
 from sd3booth.errors import UserError
+from sd3booth.fileio import as_if_created
 
 PREFIX = "checkpoint-"
 # hidden temporaries of an interrupted write: checkpoint folders (here) and the loop's LoRA export (OUTPUT_DIR)
@@ -70,6 +71,7 @@ def save(
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=2), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
+        as_if_created(tmp)  # mkdtemp makes 0700
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

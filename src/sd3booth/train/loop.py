@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from sd3booth.adapters import build, lora
+from sd3booth.adapters import build, init_lora, lora
 from sd3booth.adapters import text_encoder as clip_lora
 from sd3booth.cache import latents as cache_latents
 from sd3booth.cache import masks as cache_masks
@@ -33,7 +33,7 @@ from sd3booth.models import loaders, memory, placement, source, speed
 from sd3booth.prepare import Prepared, prepare, train_size
 from sd3booth.report import REPORT_FILE, write_report_safely
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
-from sd3booth.train import artefacts, checkpoint, methods, resume
+from sd3booth.train import artefacts, checkpoint, methods, publish, resume
 from sd3booth.train.batch import BatchSource, make_batch, to_device
 from sd3booth.train.conditioning import conditioning
 from sd3booth.train.ema import EMA
@@ -41,7 +41,7 @@ from sd3booth.train.guard import StepGuard, out_of_memory_message
 from sd3booth.train.loss import FlowSettings, flow_matching_loss
 from sd3booth.train.optim import make_lr_scheduler, schedule_name
 from sd3booth.train.order import DataOrder
-from sd3booth.train.settings import SETTINGS_FILE, RunRecord
+from sd3booth.train.settings import SETTINGS_FILE, RunRecord, portable_settings
 from sd3booth.train.validate import Validator
 from sd3booth.train.verify import verify
 
@@ -110,7 +110,7 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     out = Path(cfg.output_dir)
     checkpoint.open_output(out)  # created, without the temporaries of a write killed last time
     info = placement.detect_device()
-    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
     place = placement.place_run(cfg, src.root, info, train_size=train_size(cfg, src))  # the largest bucket
     accelerator = Accelerator(
         mixed_precision=place.mixed_precision,
@@ -142,7 +142,7 @@ def _caches(run: Run) -> None:
         prep = prepare(cfg, run.place, run.say, run.stages.stage if run.main else noop)
     if run.main:
         if cfg.overwrite_output_dir and not run.resume_path:
-            for stale in ("checkpoints", "validation", "metrics.jsonl", SETTINGS_FILE, lora.LORA_FILE, REPORT_FILE):
+            for stale in ("checkpoints", "validation", "metrics.jsonl", SETTINGS_FILE, REPORT_FILE, *publish.RUN_FILES):
                 p = out / stale
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         run.record = RunRecord.begin(cfg, out, prep.instances, run.resume_path)
@@ -175,9 +175,13 @@ def _model(run: Run) -> None:
     torch.manual_seed(run.batches.seed)
     with run.stages.stage("load transformer"):
         transformer = loaders.load_transformer(run.prep.src, place)
-        targets = lora.resolve_targets(transformer, cfg.target_layers, cfg.target_blocks)
+        init = init_lora.read_init(cfg.init_lora) if cfg.init_lora else None
+        layers = sorted(init) if init is not None and not cfg.lora_layers else cfg.target_layers  # the file's layers
+        targets = lora.resolve_targets(transformer, layers, cfg.target_blocks)
         run.spec = build.AdapterSpec(cfg.adapter_type, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.lokr_factor)
         run.params = build.add_adapter(transformer, run.spec, targets)
+        if init is not None:  # a resumed run overwrites these with the checkpoint's weights
+            run.say(init_lora.apply_init(transformer, init, cfg.rank, cfg.alpha, run.batches.seed))
         loaders.apply_fp8_storage(transformer, place)
         run.swapper = loaders.attach_memory_savers(transformer, place)
     if place.memory.compiled:  # the plan decided (on by default on CUDA with bf16 blocks, see plan/choose.py)
@@ -237,7 +241,7 @@ def setup(run: Run) -> None:
     _optimization(run)
     _resume(run)
     if run.main:
-        run.accelerator.init_trackers("sd3booth", config=tracker_config(cfg.to_dict()))
+        run.accelerator.init_trackers("sd3booth", config=tracker_config(portable_settings(cfg)))
 
 
 # ---- one step ---------------------------------------------------------------------------------------------
@@ -319,7 +323,7 @@ def _checkpoint(run: Run, step: int) -> None:
     checkpoint.save_training_state(
         run.out / "checkpoints", step, artefacts.raw_state(run), functools.partial(artefacts.export, run),
         run.optimizer.optimizer, run.lr_scheduler, run.accelerator.scaler,
-        {"settings": cfg.to_dict(), "data_order": run.batches.order.fingerprint}, cfg.checkpoints_total_limit,
+        {"settings": portable_settings(cfg), "data_order": run.batches.order.fingerprint}, cfg.checkpoints_total_limit,
         run.out, {"ema": run.ema.state_dict()} if run.ema else None,
     )  # fmt: skip
     run.record.save(step)
@@ -389,13 +393,14 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
     run.accelerator.wait_for_everyone()
     lora_path = None
     if run.main:
-        lora_path = artefacts.export(run, run.out)[0]
+        lora_path = publish.finalize(run.cfg, artefacts.export(run, run.out), run.prep.src.root, step)
         run.record.save(step, finished=True)
         folders = run.validator.folders if run.validator else []
         if run.start < run.max_steps or not any(d.name == f"step-{step}" for d in folders):
             methods.validate(run, step)
         run.stages.save(run.out / "stages.json")
-        write_report_safely(run.out, run.stages.records, run.cfg.to_dict(), run.say)
+        write_report_safely(run.out, run.stages.records, portable_settings(run.cfg), run.say)
+        publish.publish(run.cfg, run.out, run.prep.src.root, folders, step, run.say)  # model card, hub
     run.accelerator.end_training()
     median = sorted(step_times)[len(step_times) // 2] if step_times else None
     folders = run.validator.folders if run.validator else []

@@ -26,6 +26,10 @@ from sd3booth.errors import UserError
 DEFINES_RUN: tuple[str, ...] = (
     # model
     "pretrained_model_name_or_path",
+    "clip_l",
+    "clip_g",
+    "t5xxl",
+    "single_file_config",
     "revision",
     "variant",
     "t5_precision",
@@ -156,6 +160,24 @@ NOT_COMPARED: dict[str, str] = {
     "use_dora": "compared as --lora_type",
     "mask_dir": "a location (each mask's content keys its cache entry)",
     "dataset_config": "its folders' images and captions are compared by content, its layout by the data order",
+    "init_lora": "only where a new run starts; a resume continues from the checkpoint",
+    "lora_format": "how the result is written",
+    "save_precision": "how the result is written",
+    "upcast_before_saving": "how the result is written",
+    "push_to_hub": "where the result goes",
+    "hub_model_id": "where the result goes",
+    "hub_token": "a credential",
+    "dataset_config_name": "the dataset is compared by content",
+    **{
+        name: "accepted for the diffusers script; no effect"
+        for name in (
+            "cache_latents",
+            "dataloader_num_workers",
+            "local_rank",
+            "prior_generation_precision",
+            "adam_weight_decay_text_encoder",
+        )
+    },
 }
 
 
@@ -181,7 +203,7 @@ def _value(settings: dict[str, Any], name: str) -> Any:
         return "dora" if settings.get("use_dora") else v
     if name == "seed":
         return v if v is not None else 0
-    if name == "pretrained_model_name_or_path":
+    if name in ("pretrained_model_name_or_path", "clip_l", "clip_g", "t5xxl", "single_file_config"):
         return _model(v)
     return v
 

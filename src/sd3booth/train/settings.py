@@ -44,6 +44,25 @@ def versions() -> dict[str, str]:
     }
 
 
+# settings that name files or folders: stored absolute, so settings.json works from any folder
+LOCAL_PATHS = ("instance_data_dir", "class_data_dir", "output_dir", "cache_dir", "clip_l", "clip_g", "t5xxl",
+               "init_lora")  # fmt: skip
+PATHS_OR_HUB_IDS = ("pretrained_model_name_or_path", "dataset_name", "single_file_config", "resume_from_checkpoint")
+
+
+def portable_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings as settings.json keeps them: local paths absolute (hub ids and 'latest' as given), and no
+    hub token."""
+    values = cfg.to_dict()
+    for name in (*LOCAL_PATHS, *PATHS_OR_HUB_IDS):
+        value = values.get(name)
+        if value and (name in LOCAL_PATHS or Path(value).expanduser().exists()):
+            values[name] = str(Path(value).expanduser().resolve())
+    if "hub_token" in values:
+        values["hub_token"] = None
+    return values
+
+
 def read(output_dir: Path) -> dict[str, Any] | None:
     """The settings.json of an output folder, or None if there is none or it cannot be read."""
     try:
@@ -71,7 +90,7 @@ class RunRecord:
         from sd3booth.data.dataset import file_digest
         from sd3booth.train import checkpoint, resume
 
-        settings = cfg.to_dict()
+        settings = portable_settings(cfg)
         data = resume.data_fingerprint(examples, file_digest)
         start_step = 0
         history: list[dict[str, Any]] = []

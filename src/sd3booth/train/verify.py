@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
-from sd3booth.adapters import lora
+from sd3booth.adapters import init_lora, lora
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models import source
 from sd3booth.prepare import new_run, scan_data, validation_prompts
 from sd3booth.train import checkpoint, preflight
+from sd3booth.train.publish import offline_message
 from sd3booth.train.settings import SETTINGS_FILE
 
 
@@ -29,7 +30,12 @@ def verify(cfg: TrainConfig) -> None:
     """Raises UserError for any mistake found before models load; runs before anything is created or changed,
     so a mistake costs seconds and no saved file."""
     new_run()
-    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant)
+    src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
+    if not (src.root / "text_encoder_3").is_dir() and cfg.t5_precision != "none":
+        raise UserError(
+            f"{cfg.pretrained_model_name_or_path} has no T5-XXL encoder: pass --t5xxl FILE (fp16, bf16 or fp8 e4m3, "
+            "e.g. t5xxl_fp8_e4m3fn.safetensors) or --t5_precision none"
+        )
     if cfg.instance_data_dir and not Path(cfg.instance_data_dir).is_dir():
         raise UserError(f"--instance_data_dir {cfg.instance_data_dir} is not a folder; pass the folder of your photos")
     out = Path(cfg.output_dir)
@@ -50,6 +56,17 @@ def verify(cfg: TrainConfig) -> None:
         )
     if cfg.resume_from_checkpoint:
         checkpoint.find(out / "checkpoints", cfg.resume_from_checkpoint)
+    if cfg.adapter_type != "lora" and (cfg.lora_format != "diffusers" or cfg.init_lora):
+        flag = f"--lora_format {cfg.lora_format}" if cfg.lora_format != "diffusers" else "--init_lora"
+        raise UserError(
+            f"{flag} goes with --lora_type lora; a {cfg.adapter_type} adapter is saved in its own layout "
+            "(see --lora_type in --help)"
+        )
+    if cfg.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:  # fail now, not after training (the upload itself is in train.publish)
+            raise UserError(offline_message(out))
     if cfg.dataset_config or Path(cfg.data_dir or "").is_dir():
         scan_data(cfg, log=lambda m: None)  # data errors now, not after the text encoders ran
     validation_prompts(cfg)
@@ -58,5 +75,13 @@ def verify(cfg: TrainConfig) -> None:
 
     with torch.device("meta"):
         skeleton = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(src.root / "transformer"))
-    lora.resolve_targets(skeleton, cfg.target_layers, cfg.target_blocks)
+    if cfg.init_lora:
+        if cfg.lora_blocks and not cfg.lora_layers:
+            raise UserError(
+                "--lora_blocks with --init_lora needs --lora_layers too (the file's layers are named in full)"
+            )
+        modules = init_lora.read_init(cfg.init_lora)
+        init_lora.check_fits(skeleton, modules, cfg.target_layers if cfg.lora_layers else None, cfg.init_lora)
+    if cfg.lora_layers or not cfg.init_lora:  # without --lora_layers an --init_lora run trains the file's layers
+        lora.resolve_targets(skeleton, cfg.target_layers, cfg.target_blocks)
     preflight.check(cfg, src)  # writable folders, packages, resolution, a strict resume (train/preflight.py)
