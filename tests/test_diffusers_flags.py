@@ -44,6 +44,8 @@ def _same(got, value):
         return got is (value.lower() == "true")
     if isinstance(got, int | float):
         return got == type(got)(value)
+    if isinstance(got, list):  # --validation_prompt is repeatable: one flag gives a list of one
+        return got == [value]
     return str(got).lower() == value.lower()  # choices are case-insensitive, as AdamW/adamw
 
 

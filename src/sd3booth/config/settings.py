@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from sd3booth.config.interop import GENERATION_PRECISIONS, HELP, LORA_FORMATS, SAVE_PRECISIONS, SINGLE_FILE_FLAGS
+from sd3booth.config.interop import GENERATION_PRECISIONS, HELP, LORA_FORMATS, SAVE_PRECISIONS
+from sd3booth.config.views import DEFAULT_LORA_LAYERS, SettingsViews
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -35,17 +35,6 @@ ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 T5_PRECISIONS = ("auto", "bf16", "int8", "nf4", "stream", "cpu", "none")
 BASE_PRECISIONS = ("auto", "bf16", "fp8", "nf4")
 REPORTERS = ("tensorboard", "wandb", "none")
-# Attention projections of every joint block: the diffusers reference's default LoRA targets.
-DEFAULT_LORA_LAYERS = (
-    "attn.add_k_proj",
-    "attn.add_q_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "attn.to_k",
-    "attn.to_out.0",
-    "attn.to_q",
-    "attn.to_v",
-)
 
 
 def _f(default: Any, help: str, *, choices: tuple[str, ...] | None = None, group: str = "training") -> Any:
@@ -58,7 +47,7 @@ def _f(default: Any, help: str, *, choices: tuple[str, ...] | None = None, group
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SettingsViews):
     """Every setting of ``sd3booth train`` / ``prepare``. Field names are the flag names."""
 
     # model
@@ -386,61 +375,6 @@ class TrainConfig:
         None, HELP["prior_generation_precision"], choices=GENERATION_PRECISIONS, group="compat"
     )
     adam_weight_decay_text_encoder: float = _f(1e-3, HELP["adam_weight_decay_text_encoder"], group="compat")
-
-    # ---- derived views -------------------------------------------------------------------------------
-    @property
-    def alpha(self) -> int:
-        return self.lora_alpha if self.lora_alpha is not None else self.rank
-
-    @property
-    def adapter_type(self) -> str:
-        return "dora" if self.use_dora else self.lora_type
-
-    @property
-    def base_model_prior(self) -> bool:
-        return self.with_prior_preservation and self.prior_preservation_mode == "base_model"
-
-    @property
-    def class_images(self) -> bool:
-        return self.with_prior_preservation and self.prior_preservation_mode == "class_images"
-
-    @property
-    def optimizer_name(self) -> str:
-        return "adamw8bit" if self.use_8bit_adam else self.optimizer
-
-    @property
-    def target_layers(self) -> list[str]:
-        if not self.lora_layers:
-            return list(DEFAULT_LORA_LAYERS)
-        return [s.strip() for s in self.lora_layers.split(",") if s.strip()]
-
-    @property
-    def target_blocks(self) -> list[int] | None:
-        if not self.lora_blocks:
-            return None
-        return [int(s) for s in self.lora_blocks.split(",") if s.strip()]
-
-    @property
-    def validation_prompts(self) -> list[str]:
-        """--validation_prompt as a list (a TrainConfig built in code may hold one string)."""
-        v = self.validation_prompt
-        return [v] if isinstance(v, str) else list(v or [])
-
-    @property
-    def data_dir(self) -> str | None:
-        return self.instance_data_dir or self.dataset_name
-
-    @property
-    def cache_path(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
-
-    @property
-    def model_files(self) -> dict[str, str | None]:
-        """The single-file flags, as keyword arguments of ``models.source.resolve_model``."""
-        return {name: getattr(self, name) for name in SINGLE_FILE_FLAGS}
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -7,6 +7,7 @@ average. Checkpoints keep the raw training weights, so a resumed run continues b
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,19 @@ from sd3booth.adapters import formats, lora
 from sd3booth.train.ema import export_view
 
 TEXT_PREFIXES = tuple(f"{name}." for name in ("text_encoder", "text_encoder_2"))
+
+
+@dataclass
+class RunResult:
+    """What ``sd3booth train`` produced."""
+
+    output_dir: Path
+    lora_path: Path | None
+    steps: int
+    final_loss: float | None
+    seconds_per_step: float | None
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    validation_dirs: list[Path] = field(default_factory=list)
 
 
 def raw_state(run: Any) -> dict[str, torch.Tensor]:

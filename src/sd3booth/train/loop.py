@@ -34,6 +34,7 @@ from sd3booth.prepare import Prepared, prepare, train_size
 from sd3booth.report import REPORT_FILE, write_report_safely
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
 from sd3booth.train import artefacts, checkpoint, methods, publish, resume
+from sd3booth.train.artefacts import RunResult  # noqa: F401 - callers import it from here
 from sd3booth.train.batch import BatchSource, make_batch, to_device
 from sd3booth.train.conditioning import conditioning
 from sd3booth.train.ema import EMA
@@ -44,17 +45,6 @@ from sd3booth.train.order import DataOrder
 from sd3booth.train.settings import SETTINGS_FILE, RunRecord, portable_settings
 from sd3booth.train.validate import Validator
 from sd3booth.train.verify import verify
-
-
-@dataclass
-class RunResult:
-    output_dir: Path
-    lora_path: Path | None
-    steps: int
-    final_loss: float | None
-    seconds_per_step: float | None
-    stages: list[dict[str, Any]] = field(default_factory=list)
-    validation_dirs: list[Path] = field(default_factory=list)
 
 
 @dataclass
