@@ -233,7 +233,7 @@ def _sections(a: dict[str, Any]) -> list[tuple[str, list[str], dict[str, Any]]]:
     """The file's blocks: (title, comment lines, settings); a key starting with '# ' is written commented out."""
     goal, klass = GOALS[a["goal"]], a["klass"]
     hub = not Path(a["model"]).exists()
-    model_notes = ["From the hub: accept its licence on huggingface.co and log in (huggingface-cli login) first."]
+    model_notes = ["From the hub: accept its licence on huggingface.co and log in (hf auth login) first."]
     photo_notes = a["photo_lines"] + [
         f"Photos without a caption of their own are captioned '{a['prompt']}'; "
         f"'{a['trigger']}' is the trigger word that will call the subject up."
