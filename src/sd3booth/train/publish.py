@@ -220,7 +220,7 @@ def push_to_hub(out: Path, repo_id: str, token: str | None, log: Any = print) ->
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(
             f"--push_to_hub: uploading {out} to {repo_id} failed ({type(e).__name__}: {first[:150]}); the run is "
-            f"saved; upload it later with: huggingface-cli upload {repo_id} {out}"
+            f"saved; upload it later with: hf upload {repo_id} {out}"
         ) from None
     log(f"uploaded {out} to https://huggingface.co/{repo}")
     return repo
