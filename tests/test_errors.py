@@ -7,9 +7,6 @@ ones" case, the "output folder holds another run" case and the cache the cache-s
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -19,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli, run_quiet, tree_hashes
 
-from sd3booth.cli import main
 from sd3booth.data.dataset import write_demo_like_dataset
 
 FAST = ["--resolution", "64", "--train_batch_size", "1", "--max_train_steps", "2", "--num_inference_steps", "2",
@@ -52,21 +49,6 @@ def train_args(model: Path | str, data: Path | str, out: Path | str, *extra: str
             "--output_dir", str(out), *FAST, *extra]  # fmt: skip
 
 
-def run_quiet(argv: list[str]) -> tuple[int, str, str]:
-    """main(argv) with stdout/stderr captured without capsys (usable in module-scoped fixtures)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop anything printed before
-    rc = main(argv)
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
 def assert_user_error(rc: int, out: str, err: str, *needles: str) -> str:
     """Exit 2, exactly one non-empty 'error: ' line on stderr (after any 'warning: ' lines naming skipped
     files) holding every needle, no traceback anywhere."""
@@ -79,15 +61,6 @@ def assert_user_error(rc: int, out: str, err: str, *needles: str) -> str:
     for needle in needles:
         assert needle in line, f"{needle!r} not in {line!r}"
     return line
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under root."""
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def malformed_dataset(root: Path, bad_line: int = 3) -> Path:

@@ -14,10 +14,7 @@ made by patching the one function that meets them:
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -31,8 +28,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_cli, run_quiet, tree_hashes
 
-from sd3booth.cli import main
 from sd3booth.data.dataset import write_demo_like_dataset
 from sd3booth.errors import explain
 from sd3booth.train import checkpoint, resume
@@ -50,20 +47,6 @@ def train_args(model: Path | str, data: Path | str, out: Path | str, *extra: str
             "--output_dir", str(out), *FAST, *extra]  # fmt: skip
 
 
-def run_quiet(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main(argv)
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
 def one_line(rc: int, out: str, err: str, *needles: str, code: int = 2, prefix: str = "error: ") -> str:
     """Exit ``code``, no traceback, stderr = warnings then exactly one line starting with ``prefix`` that holds
     every needle; returns that line."""
@@ -77,14 +60,6 @@ def one_line(rc: int, out: str, err: str, *needles: str, code: int = 2, prefix: 
     for needle in needles:
         assert needle in line, f"{needle!r} not in {line!r}"
     return line
-
-
-def tree(root: Path) -> dict[str, str]:
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def temporaries(root: Path) -> list[str]:
@@ -424,11 +399,11 @@ def test_readme_lists_the_settings_a_resume_may_change():
     ids=["rank", "batch", "several", "targets", "resolution", "optimizer"],
 )  # fmt: skip
 def test_resume_with_a_run_defining_change_stops_and_touches_nothing(extra, needles, run_copy, capsys):
-    before = tree(run_copy.out)
+    before = tree_hashes(run_copy.out)
     rc, o, e = run_cli([*run_copy.args, "--resume_from_checkpoint", "latest", *extra], capsys)
     line = one_line(rc, o, e, "checkpoint-2", "other settings", *needles)
     assert line.count("->") == len(needles)
-    assert tree(run_copy.out) == before, "a refused resume changes nothing, settings.json included"
+    assert tree_hashes(run_copy.out) == before, "a refused resume changes nothing, settings.json included"
 
 
 @pytest.mark.parametrize("change", ["more-images", "other-caption"])
@@ -444,12 +419,12 @@ def test_resume_on_other_data_stops(change, run_copy, tmp_path, capsys):
         lines[0] = lines[0].replace("sks", "zzz")
         (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
         needle = "dataset content"
-    before = tree(run_copy.out)
+    before = tree_hashes(run_copy.out)
     args = train_args(run_copy.model, data, run_copy.out, "--resume_from_checkpoint", "latest",
                       "--instance_prompt", "a photo of sks toy")  # fmt: skip
     rc, o, e = run_cli(args, capsys)
     one_line(rc, o, e, needle)
-    assert tree(run_copy.out) == before
+    assert tree_hashes(run_copy.out) == before
 
 
 def test_resume_with_a_new_learning_rate_uses_and_records_it(run_copy, capsys):
@@ -471,10 +446,10 @@ def test_resume_with_a_new_learning_rate_uses_and_records_it(run_copy, capsys):
 def test_resume_from_a_damaged_checkpoint(run_copy, capsys):
     lora = run_copy.out / "checkpoints" / "checkpoint-2" / "lora.safetensors"
     lora.write_bytes(lora.read_bytes()[:100])
-    before = tree(run_copy.out)
+    before = tree_hashes(run_copy.out)
     rc, o, e = run_cli([*run_copy.args, "--resume_from_checkpoint", "latest"], capsys)
     one_line(rc, o, e, "checkpoint-2 is damaged", "lora.safetensors", "checkpoint-1")
-    assert tree(run_copy.out) == before
+    assert tree_hashes(run_copy.out) == before
 
 
 def test_resume_from_a_checkpoint_with_a_truncated_trainer_state(run_copy, capsys):
@@ -487,10 +462,10 @@ def test_resume_from_a_checkpoint_with_a_truncated_trainer_state(run_copy, capsy
 def test_checkpoints_without_settings_json_are_another_run(run_copy, capsys):
     """A run killed between its first checkpoint and settings.json: the same command must not start over it."""
     (run_copy.out / "settings.json").unlink()
-    before = tree(run_copy.out)
+    before = tree_hashes(run_copy.out)
     rc, o, e = run_cli(run_copy.args, capsys)
     one_line(rc, o, e, "holds another run", "--resume_from_checkpoint latest")
-    assert tree(run_copy.out) == before
+    assert tree_hashes(run_copy.out) == before
 
 
 # ---- runs that fail part-way: no settings.json, nothing half-written ---------------------------------------
