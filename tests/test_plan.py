@@ -152,7 +152,7 @@ def test_plan_module_imports_without_torch():
 
 SETTINGS = PLAN_SETTINGS
 assert SETTINGS == ("base", "checkpoint_blocks", "swap_blocks", "activation_offload", "t5", "text_batch",
-                    "vae_tiling", "compiled")  # fmt: skip
+                    "vae_tiling", "compiled", "cuda_graphs")  # fmt: skip
 
 
 def _settings(p: Plan) -> tuple:

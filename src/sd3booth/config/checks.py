@@ -134,6 +134,11 @@ def _check_methods(cfg: TrainConfig, bad: Callable[[str], None]) -> None:
         bad(f"--lokr_factor must be -1 (automatic) or a positive factor, got {cfg.lokr_factor}")
     if kind == "dora" and cfg.base_precision == "fp8":
         bad("--lora_type dora reads the base weights, which fp8 storage hides; use --base_precision bf16 or nf4")
+    if cfg.base_compute == "fp8" and (kind != "lora" or cfg.base_precision not in ("auto", "bf16")):
+        bad("--base_compute fp8 quantises bf16 base weights under a plain LoRA; use --lora_type lora and "
+            "--base_precision bf16 (or auto) with it")  # fmt: skip
+    if cfg.base_compute == "fp8" and cfg.blocks_to_swap:
+        bad("--base_compute fp8 keeps every block on the GPU; drop --blocks_to_swap or use --base_compute bf16")
     if kind in ("loha", "lokr") and cfg.base_precision == "nf4":
         bad(f"--lora_type {kind} needs unquantised base weights; use --base_precision bf16 or fp8")
     # --text_encoder_lr alone is accepted as the diffusers script accepts it (config.compat notes it)

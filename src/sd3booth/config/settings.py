@@ -34,6 +34,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 T5_PRECISIONS = ("auto", "bf16", "int8", "nf4", "stream", "cpu", "none")
 BASE_PRECISIONS = ("auto", "bf16", "fp8", "nf4")
+BASE_COMPUTES = ("bf16", "fp8")
 REPORTERS = ("tensorboard", "wandb", "none")
 
 
@@ -119,6 +120,23 @@ class TrainConfig(SettingsViews):
         None,
         "Compile each transformer block with torch.compile (the first steps pay ~30 s of compilation; "
         "default: on for a CUDA GPU with bf16 weights, off on CPU, NF4/fp8 bases and activation offload).",
+        group="speed",
+    )
+    base_compute: str = _f(
+        "bf16",
+        "Arithmetic of the frozen transformer's big matmuls: bf16, or fp8 (e4m3 with row-wise scales, forward and "
+        "input gradient; the LoRA path stays bf16/fp32). fp8 needs an Ada, Hopper or newer GPU, a plain LoRA "
+        "(--lora_type lora) and no block swap; it changes the base model's numerics (BENCHMARKS.md gives the "
+        "measured error and speed). On the CPU it runs a slow reference path meant for tests.",
+        choices=BASE_COMPUTES,
+        group="speed",
+    )
+    cuda_graphs: bool | None = _f(
+        None,
+        "Replay each compiled block as a CUDA graph (torch.compile mode reduce-overhead): no kernel launches on "
+        "the CPU's clock, 2.2x faster steps measured on an H100 at batch 1; graphs hold their activations between "
+        "steps, so validation needs that much more memory. Default: on where the plan keeps every block resident "
+        "and uncheckpointed and the memory fits (no block swap, checkpointing or activation offload).",
         group="speed",
     )
     attention_backend: str = _f(

@@ -131,6 +131,13 @@ def apply_fp8_storage(model: Any, place: Placement) -> None:
     )
 
 
+def apply_fp8_compute(model: Any) -> str:
+    """``--base_compute fp8``: the frozen GEMMs of the blocks become fp8 matmuls (models.fp8_compute)."""
+    from sd3booth.models.fp8_compute import apply_fp8_compute as convert
+
+    return f"fp8 compute: {convert(model.transformer_blocks)} frozen layers of the blocks in e4m3 (row-wise scales)"
+
+
 def attach_memory_savers(model: Any, place: Placement) -> Any:
     """Block swap and (selective) gradient checkpointing as the plan says; returns the swapper or None.
 

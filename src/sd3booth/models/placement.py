@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from sd3booth.errors import UserError
+from sd3booth.models.fp8_compute import FP8_MIN_CAPABILITY
 from sd3booth.plan.choose import Machine, Plan, plan_for_config
 
 GIB = 2**30
@@ -34,6 +35,7 @@ class DeviceInfo:
     available_gib: float | None = None  # free on the card at start, plus what this process already holds
     overhead_gib: float = 0.0  # process memory outside the allocator after warm-up (0: not measured)
     ram_available_gib: float | None = None  # host memory available at start
+    capability: tuple[int, int] = (0, 0)  # CUDA compute capability ((0, 0) on the CPU)
 
     @property
     def device(self) -> torch.device:
@@ -62,6 +64,7 @@ def detect_device(device: torch.device | None = None) -> DeviceInfo:
         available_gib=free / GIB + own,
         overhead_gib=overhead,
         ram_available_gib=memory.ram_available_gib(),
+        capability=torch.cuda.get_device_capability(device),
     )
 
 
@@ -130,6 +133,8 @@ def place_run(
     ``train_size`` is the largest training image (w, h) (the largest aspect-ratio bucket; default square).
     """
     machine = None
+    if cfg.base_compute == "fp8" and info.type == "cuda" and info.capability < FP8_MIN_CAPABILITY:
+        raise UserError(f"--base_compute fp8 needs fp8 tensor cores (Ada, Hopper or newer); {info.name} has none")
     if info.type == "cuda":
         available = info.available_gib if info.available_gib is not None else info.total_gib
         bf16 = info.bf16 and cfg.mixed_precision != "fp16"

@@ -25,6 +25,8 @@ from sd3booth.errors import UserError
 BACKEND_ENV = "SD3BOOTH_COMPILE_BACKEND"
 # "static" or "dynamic" forces the shape mode of compiled blocks (tools/gpu_buckets.sh measures both).
 SHAPES_ENV = "SD3BOOTH_COMPILE_SHAPES"
+# torch.compile mode of the blocks ("default", "reduce-overhead" = CUDA graphs, "max-autotune-no-cudagraphs")
+MODE_ENV = "SD3BOOTH_COMPILE_MODE"
 # Up to this many batch shapes (aspect-ratio buckets x batch lengths) compile once each, with static shapes.
 MAX_STATIC_SHAPES = 8
 ENTRIES_PER_SHAPE = 4  # cache entries one shape can take: block variants (the last block), train/recompute
@@ -79,6 +81,10 @@ class CompiledBlocks:
         if hasattr(cfg, "accumulated_cache_size_limit"):
             cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 512, 2 * entries)
         backend = backend or os.environ.get(BACKEND_ENV) or "inductor"
+        mode = mode or os.environ.get(MODE_ENV) or None
+        if self.dynamic and mode == "reduce-overhead":
+            mode = None  # a graph per shape, each holding its own activations: not worth it past a few shapes
+        self.cuda_graphs = mode in ("reduce-overhead", "max-autotune")
         self.compiled = [
             torch.compile(f, backend=backend, mode=mode, dynamic=self.dynamic) for f in self.eager_forwards
         ]
@@ -87,6 +93,11 @@ class CompiledBlocks:
     def _set(self, forwards: list[Any]) -> None:
         for b, f in zip(self.blocks, forwards):
             b.forward = f
+
+    def step_begin(self) -> None:
+        """Marks a new training iteration for CUDA graph trees (their outputs of the last one may be reused)."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     @staticmethod
     def done_compiling() -> None:

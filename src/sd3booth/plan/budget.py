@@ -88,3 +88,17 @@ def t5_fp16_extra_gib(sizes: Any, bf16: bool, mode: str = "bf16") -> float:
     # of 2026-11-25 over 1.007e9 wo weights); nf4 taken as int8 (not measured)
     stored = {"bf16": 2.0, "int8": 2.1, "nf4": 2.1}[mode]
     return sizes.t5_wo_params * (4 - stored) / GIB
+
+
+MARGIN_GIB = 0.5  # left free on the card by the default budget (other programs, driver growth)
+RAM_MARGIN_GIB = 1.0  # left to the rest of the computer by the default --max_ram
+
+
+def default_budget(available_gib: float | None) -> float:
+    """The budget without --max_vram: the card's memory available to this run at start, less a margin."""
+    return max(0.5, (available_gib if available_gib is not None else 16e9 / GIB) - MARGIN_GIB)
+
+
+def default_ram(available_gib: float | None) -> float | None:
+    """The host-RAM budget without --max_ram: the memory available at start, less a margin (None: unknown)."""
+    return None if available_gib is None else max(1.0, available_gib - RAM_MARGIN_GIB)

@@ -173,11 +173,14 @@ def _model(run: Run) -> None:
         if init is not None:  # a resumed run overwrites these with the checkpoint's weights
             run.say(init_lora.apply_init(transformer, init, cfg.rank, cfg.alpha, run.batches.seed))
         loaders.apply_fp8_storage(transformer, place)
+        if cfg.base_compute == "fp8":
+            run.say(loaders.apply_fp8_compute(transformer))
         run.swapper = loaders.attach_memory_savers(transformer, place)
     if place.memory.compiled:  # the plan decided (on by default on CUDA with bf16 blocks, see plan/choose.py)
         shapes = len(run.batches.order.shapes())  # (bucket, batch length) pairs: one compilation each, or dynamic
-        run.compiled = speed.CompiledBlocks(transformer.transformer_blocks, shapes=shapes)
-        mode = "dynamic" if run.compiled.dynamic else "static"
+        graphs = "reduce-overhead" if place.memory.cuda_graphs else None
+        run.compiled = speed.CompiledBlocks(transformer.transformer_blocks, mode=graphs, shapes=shapes)
+        mode = ("dynamic" if run.compiled.dynamic else "static") + (", CUDA graphs" if run.compiled.cuda_graphs else "")
         run.say(f"compiling {len(run.compiled.blocks)} blocks for {shapes} batch shape(s), {mode} shapes (first steps)")
     scheduler = loaders.load_scheduler(run.prep.src)
     run.sigmas = scheduler.sigmas.to(place.device)
@@ -240,6 +243,8 @@ def setup(run: Run) -> None:
 def micro_step_loss(run: Run, m: int) -> torch.Tensor:
     """The loss of micro-batch m: its batch from the caches, then the flow-matching loss through the model."""
     cfg, place, dev = run.cfg, run.place, run.place.device
+    if run.compiled is not None:  # a new iteration for CUDA graph trees (outputs of the last one are done)
+        run.compiled.step_begin()
     b = make_batch(run.batches, m, run.accelerator.process_index)
     x0, prompt_embeds, pooled = (to_device(t, dev) for t in (b.x0, b.prompt_embeds, b.pooled))
     mask = to_device(b.mask, dev) if b.mask is not None else None
@@ -350,8 +355,9 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
             profiler.step(step - start)
             if run.compiled and step in compiled_by:  # no compilation after these steps: free the workers
                 run.compiled.done_compiling()
-            # a compiled run logs its first step alone: its time is mostly compilation
-            if step % cfg.logging_steps == 0 or step == run.max_steps or (run.compiled and step == start + 1):
+            # a compiled run logs its first step alone (compilation), with CUDA graphs the second too (recording)
+            first = run.compiled and (step == start + 1 or (run.compiled.cuda_graphs and step == start + 2))
+            if step % cfg.logging_steps == 0 or step == run.max_steps or first:
                 last_loss = (run.accelerator.reduce(loss_sum, "mean") / n).item()  # the only host sync
                 run.guard.check_loss(step, last_loss, run.accelerator.scaler is not None)
                 step_times.append((time.perf_counter() - t_log) / n)

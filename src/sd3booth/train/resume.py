@@ -135,6 +135,8 @@ MAY_CHANGE: tuple[str, ...] = (
     "activation_offload",
     "vae_tiling",
     "compile",
+    "cuda_graphs",
+    "base_compute",
     "attention_backend",
     "gradient_checkpointing",
     "mixed_precision",
