@@ -99,6 +99,40 @@ def measure_runtime_overhead(device: torch.device) -> float:
     return max(0.0, used - torch.cuda.memory_reserved(device) / GIB)
 
 
+EXPANDABLE = "expandable_segments:True"
+
+
+def expandable_settings(current: str, env: str | None) -> str | None:
+    """The allocator settings that switch expandable segments on, or None to leave them: already on (or off
+    on purpose), or the user's own PYTORCH_(CUDA_)ALLOC_CONF asks for something else (e.g. max_split_size_mb,
+    which misbehaves beside expandable segments: pytorch/pytorch#123548)."""
+    if "expandable_segments" in current:
+        return None
+    if env and env.strip() != EXPANDABLE:
+        return None
+    return f"{current},{EXPANDABLE}" if current else EXPANDABLE
+
+
+def ensure_expandable_segments() -> bool:
+    """Expandable segments even where CUDA started before ``sd3booth.configure_environment`` set
+    PYTORCH_CUDA_ALLOC_CONF (read once, when the allocator starts): a library caller, or a launcher that
+    capped the memory first (tools/gpu_buckets.sh did, so its bucket budgets ran without them). Segments
+    created from now on grow and shrink by 2 MiB pages, so what a capped allocator frees serves the next
+    bucket's differently sized tensors. The cap still holds: the allocator checks
+    set_per_process_memory_fraction before it maps pages (c10/cuda/CUDACachingAllocator.cpp, alloc_block).
+    Returns whether it switched them on (False as well where this torch cannot tell)."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    put = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if get is None or put is None or torch.cuda.memory.get_allocator_backend() != "native":
+        return False
+    env = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    settings = expandable_settings(get(), env)
+    if settings is None:
+        return False
+    put(settings)
+    return True
+
+
 def cap_allocator(device: torch.device, cap_gib: float) -> None:
     """Caps the caching allocator at cap_gib: past it, it frees its cached blocks and retries before failing,
     as it would on a card of that size, instead of growing its reserve."""

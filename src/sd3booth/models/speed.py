@@ -20,13 +20,12 @@ import torch
 from torch import nn
 
 from sd3booth.errors import UserError
+from sd3booth.plan.terms import MAX_STATIC_SHAPES  # batch shapes that compile once each, with static shapes
 
 # Tests on the CPU set "aot_eager": dynamo + AOTAutograd without needing a C++ toolchain.
 BACKEND_ENV = "SD3BOOTH_COMPILE_BACKEND"
 # "static" or "dynamic" forces the shape mode of compiled blocks (tools/gpu_buckets.sh measures both).
 SHAPES_ENV = "SD3BOOTH_COMPILE_SHAPES"
-# Up to this many batch shapes (aspect-ratio buckets x batch lengths) compile once each, with static shapes.
-MAX_STATIC_SHAPES = 8
 ENTRIES_PER_SHAPE = 4  # cache entries one shape can take: block variants (the last block), train/recompute
 
 
@@ -43,7 +42,7 @@ def dynamic_shapes(n_shapes: int, choice: str | None = None) -> bool:
     choice = choice or os.environ.get(SHAPES_ENV) or "auto"
     if choice not in ("auto", "static", "dynamic"):
         raise UserError(f"{SHAPES_ENV}={choice!r}: expected static, dynamic or auto")
-    return choice == "dynamic" or (choice == "auto" and n_shapes > MAX_STATIC_SHAPES)
+    return choice == "dynamic" or (choice == "auto" and n_shapes > MAX_STATIC_SHAPES)  # as plan.terms.shape_mode
 
 
 COMPILE_WORKERS = 2  # inductor's compile subprocesses: each holds ~0.4 GiB of host memory while it lives

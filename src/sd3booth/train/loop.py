@@ -30,7 +30,7 @@ from sd3booth.cache import text as cache_text
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models import loaders, memory, placement, source, speed
-from sd3booth.prepare import Prepared, prepare, train_size
+from sd3booth.prepare import Prepared, batch_shape_count, prepare, train_size
 from sd3booth.report import REPORT_FILE, write_report_safely
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
 from sd3booth.train import artefacts, checkpoint, methods, publish, resume
@@ -101,7 +101,8 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     checkpoint.open_output(out)  # created, without the temporaries of a write killed last time
     info = placement.detect_device()
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
-    place = placement.place_run(cfg, src.root, info, train_size=train_size(cfg, src))  # the largest bucket
+    shapes = batch_shape_count(cfg, src)  # the memory plan keeps headroom for each batch shape beyond the first
+    place = placement.place_run(cfg, src.root, info, train_size=train_size(cfg, src), shapes=shapes)
     accelerator = Accelerator(
         mixed_precision=place.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -112,6 +113,8 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
         which = "--max_vram" if cfg.max_vram else "default budget: free on the card at start, less 0.5"
         say(f"memory plan for {place.budget_gib:.1f} GiB of {info.name}, whole process ({which}):")
         say(place.memory.describe())
+        if memory.ensure_expandable_segments():
+            say("allocator: expandable segments switched on (CUDA had started before PYTORCH_CUDA_ALLOC_CONF)")
         if place.memory.allocator_cap_gib:
             memory.cap_allocator(place.device, place.memory.allocator_cap_gib)
         if cfg.allow_tf32:
