@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from typing import Any
 
 import torch
 
@@ -131,6 +132,25 @@ def ensure_expandable_segments() -> bool:
         return False
     put(settings)
     return True
+
+
+def out_of_memory_record(device: torch.device, error: BaseException) -> dict[str, Any]:
+    """What the caching allocator held when an out-of-memory error struck (written to oom.json): live tensors,
+    its reserve, the free pieces split off blocks still in use (fragments no other size could take), and
+    torch's own message (the request that failed)."""
+    stats = torch.cuda.memory_stats(device) if device.type == "cuda" else {}
+    keys = {
+        "allocated_gib": "allocated_bytes.all.current",
+        "reserved_gib": "reserved_bytes.all.current",
+        "inactive_split_gib": "inactive_split_bytes.all.current",
+        "peak_allocated_gib": "allocated_bytes.all.peak",
+    }
+    out: dict[str, Any] = {k: round(stats.get(v, 0) / GIB, 3) for k, v in keys.items()}
+    out["alloc_retries"] = stats.get("num_alloc_retries", 0)
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    out["allocator_settings"] = get() if get is not None else os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    out["message"] = " ".join(str(error).split())[:1000]
+    return out
 
 
 def cap_allocator(device: torch.device, cap_gib: float) -> None:

@@ -99,6 +99,7 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     verify(cfg)
     out = Path(cfg.output_dir)
     checkpoint.open_output(out)  # created, without the temporaries of a write killed last time
+    (out / "oom.json").unlink(missing_ok=True)  # an earlier run's out-of-memory record (see train)
     info = placement.detect_device()
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
     shapes = batch_shape_count(cfg, src)  # the memory plan keeps headroom for each batch shape beyond the first
@@ -407,8 +408,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         setup(run)
         step, last_loss, step_times = loop(run)
         return finish(run, step, last_loss, step_times)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as e:
         stage = run.stages.failed_in or run.stages.current
+        (run.out / "oom.json").write_text(json.dumps(memory.out_of_memory_record(run.place.device, e), indent=2))
         raise UserError(out_of_memory_message(stage, run.place, cfg.max_vram is not None)) from None
     finally:
         run.stages.close()
