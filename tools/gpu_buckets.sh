@@ -93,6 +93,7 @@ if rc == 0:
     row["predicted_peak_gib"] = max(plan["predicted"].values())
     row["allocator_cap_gib"] = plan.get("allocator_cap_gib")
     row["shapes"], row["shape_headroom_gib"] = plan.get("shapes"), plan.get("shape_headroom_gib")
+    row["allocator_settings"] = plan.get("allocator_settings")  # expandable segments on?
 else:
     row["error"] = log.strip().splitlines()[-1][:300] if log.strip() else "?"
     oom = out / name / "oom.json"

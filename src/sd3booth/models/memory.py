@@ -134,6 +134,12 @@ def ensure_expandable_segments() -> bool:
     return True
 
 
+def allocator_settings() -> str:
+    """The caching allocator's settings in force (the environment's where this torch cannot say)."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    return get() if get is not None else os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+
+
 def out_of_memory_record(device: torch.device, error: BaseException) -> dict[str, Any]:
     """What the caching allocator held when an out-of-memory error struck (written to oom.json): live tensors,
     its reserve, the free pieces split off blocks still in use (fragments no other size could take), and
@@ -147,8 +153,7 @@ def out_of_memory_record(device: torch.device, error: BaseException) -> dict[str
     }
     out: dict[str, Any] = {k: round(stats.get(v, 0) / GIB, 3) for k, v in keys.items()}
     out["alloc_retries"] = stats.get("num_alloc_retries", 0)
-    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
-    out["allocator_settings"] = get() if get is not None else os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    out["allocator_settings"] = allocator_settings()
     out["message"] = " ".join(str(error).split())[:1000]
     return out
 

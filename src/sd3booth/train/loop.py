@@ -122,7 +122,7 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
             torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         plan = {"budget_gib": place.budget_gib, "device": info.name, "measured_overhead_gib": info.overhead_gib,
-                **place.memory.to_dict()}  # fmt: skip
+                "allocator_settings": memory.allocator_settings(), **place.memory.to_dict()}  # fmt: skip
         (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     return Run(cfg, out, accelerator, place, Stages(place.device), say)
 
