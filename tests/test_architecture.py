@@ -37,10 +37,10 @@ def test_prepare_train_and_generate_share_one_placement_and_every_cache_entry(
     decisions: list[tuple[str, placement.Placement]] = []
     real = placement.place_run
 
-    def recording(cfg, root, info, cal=None, train_size=None):
-        gpu = real(cfg, root, H100, cal, train_size)
+    def recording(cfg, root, info, cal=None, train_size=None, shapes=1):
+        gpu = real(cfg, root, H100, cal, train_size, shapes)
         decisions.append((cfg.resolution, gpu))
-        return real(cfg, root, info, cal, train_size)  # what actually runs here: the CPU decision
+        return real(cfg, root, info, cal, train_size, shapes)  # what actually runs here: the CPU decision
 
     monkeypatch.setattr(placement, "place_run", recording)
     data = tmp_path / "photos"

@@ -161,6 +161,7 @@ def test_capped_runner_caps_then_runs_the_cli(monkeypatch):
     calls = {}
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * 2**30}))
 
@@ -181,6 +182,9 @@ def test_capped_runner_caps_then_runs_the_cli(monkeypatch):
                      "program": ("sd3booth", "__main__", ["train", "--rank", "4"])}  # fmt: skip
     assert capped.cap_fraction(100, 80 * 2**30) == 1.0
     assert capped.main([]) == 2
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU dry run of a GPU tool: uncapped
+    assert capped.main(["4", "train"]) == 7 and calls == {"program": ("sd3booth", "__main__", ["train"])}
 
 
 def test_capped_runner_runs_the_real_cli(capsys, monkeypatch):

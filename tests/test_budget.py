@@ -189,6 +189,9 @@ def test_out_of_memory_is_one_line_naming_stage_budget_and_next_budget(tiny_mode
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and "out of GPU memory in stage 'training'" in lines[0] and "--max_vram" in lines[0]
     assert "Traceback" not in err
+    record = json.loads((tmp_path / "out" / "oom.json").read_text())  # the allocator's state, for a bug report
+    assert record["message"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert {"allocated_gib", "reserved_gib", "inactive_split_gib", "allocator_settings"} <= set(record)
     assert list((tmp_path / "out" / "cache").rglob("*.safetensors"))  # the caches of the run are kept
     assert not (tmp_path / "out" / "settings.json").exists()  # issue #9: a run that saved nothing writes none
 

@@ -19,15 +19,8 @@ from sd3booth.models import speed
 from sd3booth.models.fp8_compute import E4M3, Fp8FrozenLinear, apply_fp8_compute, quantise_rows
 from sd3booth.models.placement import DeviceInfo, place_run
 from sd3booth.plan.calibration import load_calibration
-from sd3booth.plan.choose import (
-    CUDA_GRAPHS_EXTRA_GIB,
-    CUDA_GRAPHS_TIME_FACTOR,
-    Workload,
-    choose,
-    fixed_settings,
-    plan_for_config,
-    predict,
-)
+from sd3booth.plan.choose import Workload, choose, fixed_settings, plan_for_config, predict
+from sd3booth.plan.terms import CUDA_GRAPHS_EXTRA_GIB, CUDA_GRAPHS_TIME_FACTOR
 from sd3booth.train import loop
 
 

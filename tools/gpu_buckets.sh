@@ -5,11 +5,19 @@
 #                  buckets with dynamic shapes (SD3BOOTH_COMPILE_SHAPES); s/step after the first epoch, wall time
 #                  with compilation, peak memory. Target: buckets within 5% of square.
 #   PART budgets : each --max_vram budget with buckets on, under a hard allocator cap of that budget
-#                  (torch.cuda.set_per_process_memory_fraction): rc 0 and peak <= budget with the largest bucket.
+#                  (python -m sd3booth.bench.capped): rc 0 and the whole process within the budget.
+#   PART recheck : the --max_vram 3 failure of 2026-11-25, taken apart (BUDGET, default 3): buckets with the
+#                  planner's headroom for 4 shapes (the new plan), buckets with the old plan (SD3BOOTH_PLAN_SHAPES=1:
+#                  planned as for one shape; expandable segments now on), the same plan on square crops (one
+#                  shape), and buckets with dynamic shapes. Each row: allocated / reserved / whole-process peaks,
+#                  the plan and its headroom line; a failed run's oom.json (fragments, the failed request).
 # Usage on the GPU machine (repo root, wheels installed, PYTHONPATH=src):
 #   tools/gpu_buckets.sh sd3-medium OUT speed [STEPS]             (~6 min on an H100 with 120 steps)
 #   tools/gpu_buckets.sh sd3-medium OUT budgets [BUDGETS] [STEPS] (BUDGETS default 3,4,6,8,default; 30 steps)
+#   tools/gpu_buckets.sh sd3-medium OUT recheck [BUDGET] [STEPS]  (4 runs, ~6-8 min with 30 steps)
 # (RES and EXTRA, e.g. RES=64 EXTRA="--bucket_reso_steps 16", shrink it for a CPU smoke test with --arch tiny.)
+# Budgeted runs start through sd3booth.bench.capped, which sets PYTORCH_CUDA_ALLOC_CONF before CUDA starts; the
+# launcher used until 2026-11-25 started CUDA first, so those budget rows ran without expandable segments.
 set -euo pipefail
 arch=${1:-sd3-medium}; out=${2:-/tmp/buckets}; part=${3:-speed}; res=${RES:-1024}
 mkdir -p "$out"
@@ -38,23 +46,15 @@ PY
 # one training run; $1 name, $2 budget GiB or "default", rest: extra flags. Capped at the budget when one is given.
 train() {
   local name=$1 budget=$2; shift 2
-  local extra=(); [ "$budget" != default ] && extra=(--max_vram "$budget")
+  local extra=() launch=(python3 -m sd3booth)
+  if [ "$budget" != default ]; then extra=(--max_vram "$budget"); launch=(python3 -m sd3booth.bench.capped "$budget"); fi
   local t0; t0=$(date +%s.%N)
   set +e
-  python3 - "$budget" train --pretrained_model_name_or_path $model --instance_data_dir "$photos" \
+  "${launch[@]}" train --pretrained_model_name_or_path $model --instance_data_dir "$photos" \
     --instance_prompt "a photo of sks toy" --output_dir "$out/$name" --cache_dir "$out/cache-$name" \
     --overwrite_output_dir --resolution $res --train_batch_size 1 --rank 16 --seed 0 --lr_warmup_steps 0 \
     --report_to none --checkpointing_steps 100000 --logging_steps 4 ${EXTRA:-} "${extra[@]}" "$@" \
-    > "$out/$name.log" 2>&1 <<'PY'
-import sys
-import torch
-budget = sys.argv[1]
-if budget != "default" and torch.cuda.is_available():  # a hard cap: a plan that exceeded its budget fails instead of reporting a number
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    torch.cuda.set_per_process_memory_fraction(float(budget) / total)
-from sd3booth.cli import main
-sys.exit(main(sys.argv[2:]))
-PY
+    > "$out/$name.log" 2>&1
   local rc=$?
   set -e
   python3 - "$out" "$name" "$budget" "$rc" "$(python3 -c "import time; print(round(time.time() - $t0, 1))")" <<'PY'
@@ -64,6 +64,9 @@ out, name, budget, rc, wall = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(s
 log = (out / f"{name}.log").read_text(errors="replace")
 row = {"run": name, "budget_gib": budget, "rc": rc, "wall_s": wall}
 row["compile_line"] = next((l.strip() for l in log.splitlines() if l.startswith("compiling")), None)
+row["plan_lines"] = [l.strip() for l in log.splitlines()
+                     if l.startswith(("  transformer weights", "  checkpointing", "  batch shapes", "  GPU allocator cap",
+                                      "  predicted peak", "allocator:"))]
 lines = log.splitlines()
 start = next((i for i, l in enumerate(lines) if l.startswith(("aspect-ratio buckets", "square training size"))), None)
 if start is not None:  # the table printed before training: its header and the indented rows under it
@@ -83,14 +86,29 @@ if rc == 0:
                                      if m["step"] <= epoch), 1)  # compilation included
     row["windows"] = [(m["step"], round(m["s_per_step"], 4)) for m in metrics]
     row["peak_gib"] = max(s.get("peak_allocated_gib", 0) for s in stages)
-    row["stages"] = {s["stage"]: [s.get("peak_allocated_gib"), s["seconds"]] for s in stages}
+    row["peak_reserved_gib"] = max(s.get("peak_reserved_gib", 0) for s in stages)
+    row["peak_process_gpu_gib"] = max(s.get("peak_process_gpu_gib", 0) for s in stages)  # the run's own sampler
+    row["stages"] = {s["stage"]: [s.get("peak_allocated_gib"), s.get("peak_reserved_gib"), s["seconds"]] for s in stages}
     row["plan"] = {k: plan[k] for k in ("base", "checkpoint_blocks", "swap_blocks", "t5", "compiled")}
     row["predicted_peak_gib"] = max(plan["predicted"].values())
+    row["allocator_cap_gib"] = plan.get("allocator_cap_gib")
+    row["shapes"], row["shape_headroom_gib"] = plan.get("shapes"), plan.get("shape_headroom_gib")
+    row["allocator_settings"] = plan.get("allocator_settings")  # expandable segments on?
 else:
     row["error"] = log.strip().splitlines()[-1][:300] if log.strip() else "?"
+    oom = out / name / "oom.json"
+    if oom.exists():  # the allocator at the failure: allocated, reserved, split-off fragments, the failed request
+        row["oom"] = json.loads(oom.read_text())
+    plan_file = out / name / "plan.json"
+    if plan_file.exists():
+        plan = json.loads(plan_file.read_text())
+        row["plan"] = {k: plan[k] for k in ("base", "checkpoint_blocks", "swap_blocks", "t5", "compiled")}
+        row["allocator_cap_gib"] = plan.get("allocator_cap_gib")
+        row["shapes"], row["shape_headroom_gib"] = plan.get("shapes"), plan.get("shape_headroom_gib")
 with (out / "rows.jsonl").open("a") as f:
     f.write(json.dumps(row) + "\n")
-print(json.dumps({k: row.get(k) for k in ("run", "rc", "wall_s", "steady_s_per_step_median", "peak_gib", "compile_line")}))
+print(json.dumps({k: row.get(k) for k in ("run", "rc", "wall_s", "steady_s_per_step_median", "peak_gib",
+                                          "peak_reserved_gib", "peak_process_gpu_gib", "plan", "compile_line")}))
 PY
 }
 
@@ -101,6 +119,12 @@ if [ "$part" = speed ]; then
   train square default --no-enable_bucket --max_train_steps "$steps"
   SD3BOOTH_COMPILE_SHAPES=static train buckets-static default --max_train_steps "$steps"
   SD3BOOTH_COMPILE_SHAPES=dynamic train buckets-dynamic default --max_train_steps "$steps"
+elif [ "$part" = recheck ]; then
+  b=${4:-3}; steps=${5:-30}
+  train "recheck-$b-buckets" "$b" --max_train_steps "$steps"
+  SD3BOOTH_PLAN_SHAPES=1 train "recheck-$b-old-plan" "$b" --max_train_steps "$steps"
+  SD3BOOTH_PLAN_SHAPES=1 train "recheck-$b-square" "$b" --no-enable_bucket --max_train_steps "$steps"
+  SD3BOOTH_COMPILE_SHAPES=dynamic train "recheck-$b-dynamic" "$b" --max_train_steps "$steps"
 else
   budgets=${4:-3,4,6,8,default}; steps=${5:-30}
   for b in ${budgets//,/ }; do train "budget-$b" "$b" --max_train_steps "$steps"; done
@@ -117,8 +141,9 @@ if part == "speed" and all(by.get(k, {}).get("steady_s_per_step_median") for k i
     for k in ("buckets-static", "buckets-dynamic"):
         if by.get(k, {}).get("steady_s_per_step_median"):
             summary[f"{k}_over_square"] = round(by[k]["steady_s_per_step_median"] / sq, 4)
-if part == "budgets":
-    summary["held"] = {r["run"]: r["rc"] == 0 and (r["budget_gib"] == "default" or r["peak_gib"] <= float(r["budget_gib"]))
+if part in ("budgets", "recheck"):  # the whole process (the run's own NVML sampler) within the budget
+    summary["held"] = {r["run"]: r["rc"] == 0 and (r["budget_gib"] == "default" or
+                                                   max(r["peak_gib"], r.get("peak_process_gpu_gib") or 0) <= float(r["budget_gib"]))
                        for r in rows}
 (out / f"buckets-{part}.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))

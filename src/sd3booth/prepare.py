@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from sd3booth.config import TrainConfig
 from sd3booth.config.datasets import read_dataset_config
 from sd3booth.data import concepts as concepts_
 from sd3booth.data import dataset
-from sd3booth.data.buckets import BucketSettings, Size, image_size, upscale_warning
+from sd3booth.data.buckets import BucketSettings, Size, batch_shapes, image_size, upscale_warning
 from sd3booth.data.masks import find_masks
 from sd3booth.errors import UserError
 from sd3booth.models import loaders, placement, source
@@ -98,6 +99,23 @@ def bucket_settings(cfg: TrainConfig, src: ModelSource) -> BucketSettings:
 def train_size(cfg: TrainConfig, src: ModelSource) -> Size:
     """The largest training size of the run (the memory plan plans for its token count)."""
     return concepts_.largest_size(run_concepts(cfg), cfg.enable_bucket, bucket_settings(cfg, src))
+
+
+# Measurement override of the count below ("1": plan as for square training), for tools/gpu_buckets.sh's recheck
+PLAN_SHAPES_ENV = "SD3BOOTH_PLAN_SHAPES"
+
+
+def batch_shape_count(cfg: TrainConfig, src: ModelSource) -> int:
+    """How many distinct batch shapes (training size x items in the batch) the run's data gives, before any
+    model loads: the memory plan keeps headroom for each beyond the first. Image headers only; the class images
+    are counted as they will be (``num_class_images`` per prior concept)."""
+    if forced := os.environ.get(PLAN_SHAPES_ENV):
+        return max(1, int(forced))
+    concepts = run_concepts(cfg)
+    instances = scan_data(cfg, lambda m: None)
+    sizes, _, _ = concepts_.training_sizes(instances, concepts, cfg.enable_bucket, bucket_settings(cfg, src))
+    counts = Counter(concepts_.epoch_item_sizes(instances, concepts, sizes))
+    return len(batch_shapes(counts, cfg.train_batch_size))
 
 
 def _outputs(cfg: TrainConfig) -> dict[str, Path]:
@@ -325,7 +343,9 @@ def prepare_command(cfg: TrainConfig, log: Callable[[str], None] = print) -> Pre
     source.quiet_libraries()
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
     # the same decision as `train`, for the largest training size
-    place = placement.place_run(cfg, src.root, placement.detect_device(), train_size=train_size(cfg, src))
+    place = placement.place_run(
+        cfg, src.root, placement.detect_device(), train_size=train_size(cfg, src), shapes=batch_shape_count(cfg, src)
+    )
     stages = Stages(place.device)
     try:
         prep = prepare(cfg, place, log, stages.stage)

@@ -142,7 +142,7 @@ def bench_budgets(
 
 
 def budget_workload(row: dict[str, Any], sizes: Any) -> Any:
-    """The planner's Workload of a budget row (``plan.choose.Workload``), for recomputing its prediction."""
+    """The planner's Workload of a budget row (``plan.predict.Workload``), for recomputing its prediction."""
     from sd3booth.config import DEFAULT_LORA_LAYERS
     from sd3booth.plan.choose import Workload
 

@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_environment()  # before CUDA starts: the allocator reads its settings once
     import torch
 
-    device = torch.cuda.current_device()
-    fraction = cap_fraction(gib, torch.cuda.get_device_properties(device).total_memory)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    if torch.cuda.is_available():  # else a CPU dry run of a GPU tool: nothing to cap
+        device = torch.cuda.current_device()
+        fraction = cap_fraction(gib, torch.cuda.get_device_properties(device).total_memory)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
     return run_program(rest)
 
 

@@ -123,7 +123,7 @@ def _fit_times(cal: dict[str, Any], train: dict[tuple, dict], sz: dict[str, Any]
 
 
 def fit_calibration(measured: dict[str, Any], fallback: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``calibrate`` keys from one calibrate run (see plan.choose.predict for the formula they enter).
+    """The ``calibrate`` keys from one calibrate run (see plan.predict.predict for the formula they enter).
 
     Without ``fallback`` the result holds the constants and what was measured, nothing else. With it, a key
     whose measurements are missing or failed (a row with ``error``) keeps the fallback's value, so one option

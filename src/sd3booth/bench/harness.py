@@ -102,7 +102,7 @@ def lora_step(
 
 
 def placement_for(dev: torch.device, t5: str = "bf16", **plan: Any) -> Any:
-    """The Placement the trainer would decide for a memory plan with these fields (``plan.choose.Plan``: base,
+    """The Placement the trainer would decide for a memory plan with these fields (``plan.predict.Plan``: base,
     checkpoint_blocks, swap_blocks, activation_offload, vae_tiling...) on ``dev``, bf16 mixed precision."""
     from sd3booth.models.placement import decide, detect_device
     from sd3booth.plan.choose import Plan

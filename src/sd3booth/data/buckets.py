@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,3 +151,14 @@ def bucket_table(counts: Counter[Size], header: str) -> str:
     for (w, h), n in sorted(counts.items(), key=lambda kv: kv[0][0] / kv[0][1]):
         lines.append(f"  {f'{w}x{h}':<12} {(w // 16) * (h // 16):>7} {n:>7}")
     return "\n".join(lines)
+
+
+def batch_shapes(counts: Mapping[Hashable, int], batch: int) -> set[tuple[Hashable, int]]:
+    """Every (training size, items in the batch) an epoch's batches can have, from the items per size: a batch
+    holds one size, and each size's last batch may be partial. These are the shapes compiled blocks see."""
+    out = set()
+    for key, n in counts.items():
+        out.add((key, min(n, batch)))
+        if n % batch:
+            out.add((key, n % batch))
+    return out

@@ -171,11 +171,29 @@ def pair_items(
     for k, concept in enumerate(concepts):
         inst = [i for i, ex in enumerate(instances) if ex.concept == k]
         cls = [i for i, ex in enumerate(classes) if ex.concept == k] if concept.prior else []
-        n = len(inst) * concept.repeats
-        for i in range(max(n, len(cls))):
-            j = inst[(i % n) // concept.repeats]
-            items.append(Item(j, cls[i % len(cls)] if cls else None, sizes[instances[j].uid], k))
+        for a, b in _pairs(len(inst), concept.repeats, len(cls)):
+            j = inst[a]
+            items.append(Item(j, cls[b] if b is not None else None, sizes[instances[j].uid], k))
     return items
+
+
+def _pairs(n_inst: int, repeats: int, n_cls: int) -> list[tuple[int, int | None]]:
+    """(instance, class) positions, within the concept's own lists, of a concept's items in one epoch."""
+    n = n_inst * repeats
+    return [((i % n) // repeats, i % n_cls if n_cls else None) for i in range(max(n, n_cls))]
+
+
+def epoch_item_sizes(
+    instances: Sequence[Example], concepts: Sequence[Concept], sizes: dict[str, bk.Size]
+) -> list[bk.Size]:
+    """The training size of each item of one epoch, before the class images exist: as :func:`pair_items` will
+    pair them once each prior concept has its ``num_class_images`` (generated when missing)."""
+    out: list[bk.Size] = []
+    for k, concept in enumerate(concepts):
+        inst = [ex for ex in instances if ex.concept == k]
+        n_cls = concept.num_class_images if concept.prior else 0
+        out += [sizes[inst[a].uid] for a, _ in _pairs(len(inst), concept.repeats, n_cls)]
+    return out
 
 
 def class_position_sizes(instance_sizes: Sequence[bk.Size], repeats: int, count: int) -> list[bk.Size]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from typing import Any
 
 import torch
 
@@ -97,6 +98,64 @@ def measure_runtime_overhead(device: torch.device) -> float:
     if used is None:
         return 0.0
     return max(0.0, used - torch.cuda.memory_reserved(device) / GIB)
+
+
+EXPANDABLE = "expandable_segments:True"
+
+
+def expandable_settings(current: str, env: str | None) -> str | None:
+    """The allocator settings that switch expandable segments on, or None to leave them: already on (or off
+    on purpose), or the user's own PYTORCH_(CUDA_)ALLOC_CONF asks for something else (e.g. max_split_size_mb,
+    which misbehaves beside expandable segments: pytorch/pytorch#123548)."""
+    if "expandable_segments" in current:
+        return None
+    if env and env.strip() != EXPANDABLE:
+        return None
+    return f"{current},{EXPANDABLE}" if current else EXPANDABLE
+
+
+def ensure_expandable_segments() -> bool:
+    """Expandable segments even where CUDA started before ``sd3booth.configure_environment`` set
+    PYTORCH_CUDA_ALLOC_CONF (read once, when the allocator starts): a library caller, or a launcher that
+    capped the memory first (tools/gpu_buckets.sh did, so its bucket budgets ran without them). Segments
+    created from now on grow and shrink by 2 MiB pages, so what a capped allocator frees serves the next
+    bucket's differently sized tensors. The cap still holds: the allocator checks
+    set_per_process_memory_fraction before it maps pages (c10/cuda/CUDACachingAllocator.cpp, alloc_block).
+    Returns whether it switched them on (False as well where this torch cannot tell)."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    put = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if get is None or put is None or torch.cuda.memory.get_allocator_backend() != "native":
+        return False
+    env = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    settings = expandable_settings(get(), env)
+    if settings is None:
+        return False
+    put(settings)
+    return True
+
+
+def allocator_settings() -> str:
+    """The caching allocator's settings in force (the environment's where this torch cannot say)."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    return get() if get is not None else os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+
+
+def out_of_memory_record(device: torch.device, error: BaseException) -> dict[str, Any]:
+    """What the caching allocator held when an out-of-memory error struck (written to oom.json): live tensors,
+    its reserve, the free pieces split off blocks still in use (fragments no other size could take), and
+    torch's own message (the request that failed)."""
+    stats = torch.cuda.memory_stats(device) if device.type == "cuda" else {}
+    keys = {
+        "allocated_gib": "allocated_bytes.all.current",
+        "reserved_gib": "reserved_bytes.all.current",
+        "inactive_split_gib": "inactive_split_bytes.all.current",
+        "peak_allocated_gib": "allocated_bytes.all.peak",
+    }
+    out: dict[str, Any] = {k: round(stats.get(v, 0) / GIB, 3) for k, v in keys.items()}
+    out["alloc_retries"] = stats.get("num_alloc_retries", 0)
+    out["allocator_settings"] = allocator_settings()
+    out["message"] = " ".join(str(error).split())[:1000]
+    return out
 
 
 def cap_allocator(device: torch.device, cap_gib: float) -> None:

@@ -70,7 +70,7 @@ def detect_device(device: torch.device | None = None) -> DeviceInfo:
 
 @dataclass(frozen=True)
 class Placement:
-    """Devices and dtypes of every stage, plus the memory plan (``plan.choose.Plan``) they follow.
+    """Devices and dtypes of every stage, plus the memory plan (``plan.predict.Plan``) they follow.
 
     Memory options live only in ``memory``: a new option is a field of ``Plan`` and nothing here changes.
     """
@@ -126,11 +126,13 @@ def place_run(
     info: DeviceInfo,
     cal: dict[str, Any] | None = None,
     train_size: tuple[int, int] | None = None,
+    shapes: int = 1,
 ) -> Placement:
     """The placement of a run (a ``TrainConfig``): its memory plan for the device, then every dtype and device.
 
     ``train``, ``prepare`` and ``generate`` all call this, so they agree on every choice that keys a cache.
-    ``train_size`` is the largest training image (w, h) (the largest aspect-ratio bucket; default square).
+    ``train_size`` is the largest training image (w, h) (the largest aspect-ratio bucket; default square) and
+    ``shapes`` the number of distinct batch shapes the data gives (``prepare.batch_shape_count``).
     """
     machine = None
     if cfg.base_compute == "fp8" and info.type == "cuda" and info.capability < FP8_MIN_CAPABILITY:
@@ -139,5 +141,5 @@ def place_run(
         available = info.available_gib if info.available_gib is not None else info.total_gib
         bf16 = info.bf16 and cfg.mixed_precision != "fp16"
         machine = Machine(available, info.overhead_gib, bf16, info.ram_available_gib)
-    memory, budget = plan_for_config(cfg, model_root, machine, cal, train_size)
+    memory, budget = plan_for_config(cfg, model_root, machine, cal, train_size, shapes)
     return decide(info, cfg.mixed_precision, memory, budget)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sd3booth.errors import UserError
+from sd3booth.plan.terms import MAX_STATIC_SHAPES  # batch shapes that compile once each, with static shapes
 
 # Tests on the CPU set "aot_eager": dynamo + AOTAutograd without needing a C++ toolchain.
 BACKEND_ENV = "SD3BOOTH_COMPILE_BACKEND"
@@ -27,8 +28,6 @@ BACKEND_ENV = "SD3BOOTH_COMPILE_BACKEND"
 SHAPES_ENV = "SD3BOOTH_COMPILE_SHAPES"
 # torch.compile mode of the blocks ("default", "reduce-overhead" = CUDA graphs, "max-autotune-no-cudagraphs")
 MODE_ENV = "SD3BOOTH_COMPILE_MODE"
-# Up to this many batch shapes (aspect-ratio buckets x batch lengths) compile once each, with static shapes.
-MAX_STATIC_SHAPES = 8
 ENTRIES_PER_SHAPE = 4  # cache entries one shape can take: block variants (the last block), train/recompute
 
 
@@ -45,7 +44,7 @@ def dynamic_shapes(n_shapes: int, choice: str | None = None) -> bool:
     choice = choice or os.environ.get(SHAPES_ENV) or "auto"
     if choice not in ("auto", "static", "dynamic"):
         raise UserError(f"{SHAPES_ENV}={choice!r}: expected static, dynamic or auto")
-    return choice == "dynamic" or (choice == "auto" and n_shapes > MAX_STATIC_SHAPES)
+    return choice == "dynamic" or (choice == "auto" and n_shapes > MAX_STATIC_SHAPES)  # as plan.terms.shape_mode
 
 
 COMPILE_WORKERS = 2  # inductor's compile subprocesses: each holds ~0.4 GiB of host memory while it lives
@@ -72,6 +71,7 @@ class CompiledBlocks:
         self.blocks = list(blocks)
         self.eager_forwards = [b.forward for b in self.blocks]
         self.dynamic = dynamic_shapes(shapes)
+        self.shapes = shapes
         # one code object for all blocks: each variant (train/recompute, last block) and each static shape is a
         # cache entry; the limits are raised so that no entry is ever evicted or refused (a refused frame would
         # silently run eager)
@@ -93,6 +93,10 @@ class CompiledBlocks:
     def _set(self, forwards: list[Any]) -> None:
         for b, f in zip(self.blocks, forwards):
             b.forward = f
+
+    def describe(self) -> str:
+        how = ("dynamic" if self.dynamic else "static") + " shapes" + (", CUDA graphs" if self.cuda_graphs else "")
+        return f"compiling {len(self.blocks)} blocks for {self.shapes} batch shape(s), {how} (first steps)"
 
     def step_begin(self) -> None:
         """Marks a new training iteration for CUDA graph trees (their outputs of the last one may be reused)."""

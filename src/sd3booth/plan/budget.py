@@ -1,6 +1,6 @@
 """What the user's card and computer must hold: whole-process GPU memory and host RAM of a plan.
 
-The allocator prediction of ``choose.predict`` counts the tensors PyTorch allocates. A card also holds what
+The allocator prediction of ``predict.predict`` counts the tensors PyTorch allocates. A card also holds what
 no allocator counts: the CUDA context, cuBLAS/cuDNN workspaces and the code of compiled kernels (measured
 0.8–1.3 GiB on an H100); ``--max_vram`` is a limit on all of it, as nvidia-smi shows it. So the allocator gets
 what is left after that overhead (the run caps it there with ``set_per_process_memory_fraction``, so the

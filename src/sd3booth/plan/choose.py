@@ -1,6 +1,6 @@
 """The memory planner: from a GiB budget to the fastest settings predicted to fit, before any model loads.
 
-Pure Python (no torch) so that ``--max_vram`` prints its plan in a second. The prediction composes
+Pure Python (no torch) so that ``--max_vram`` prints its plan in a second. The prediction (``predict``) composes
 * exact weight sizes, read from the checkpoint's safetensors headers (no weights are loaded), and
 * per-stage coefficients measured by ``sd3booth bench`` (``calibration.json``; each entry names the run it
   came from): activation bytes per token and hidden unit, fixed overheads, and time ratios.
@@ -12,48 +12,24 @@ validation sampling. Stage peaks are predicted separately; the run's peak is the
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from sd3booth.errors import UserError
-from sd3booth.plan.budget import Limits, allocator_cap, default_budget, default_ram, host_stages, t5_fp16_extra_gib
+from sd3booth.plan.budget import Limits, allocator_cap, default_budget, default_ram
 from sd3booth.plan.calibration import load_calibration
+from sd3booth.plan.predict import GIB, Plan, Workload, predict
 from sd3booth.plan.sizes import ModelSizes, read_sizes
+from sd3booth.plan.terms import UNSUPPORTED_BASES
 
-GIB = 2**30
+__all__ = ["GIB", "PLAN_SETTINGS", "Machine", "Plan", "Workload", "choose", "plan_for_config", "predict"]
 # T5 options by fidelity to bf16 (bench, H100: stream keeps bf16 weights, cosine 0.99992; int8 0.9989;
 # nf4 0.943); encoding is a one-off of seconds, so among plans of equal step time and peak, fidelity decides.
 T5_PREFERENCE = ("bf16", "stream", "cpu", "int8", "nf4")
 # "none" (no T5 at all, zero embeddings as the reference pipeline does) is never chosen, only honoured.
 T5_ORDER = (*T5_PREFERENCE, "none")
 BASE_SPEED_ORDER = ("bf16", "fp8", "nf4")
-# Issue #12's methods (tools/gpu_methods.sh measured LoRA, DoRA, LoHa, LoKr, text-encoder LoRA, EMA and the
-# base-model prior on SD3 Medium, 2026-11-25, BENCHMARKS.md; LoHa/LoKr/EMA/prior within 0.15 GiB as below):
-# bytes of optimizer state per fp32 adapter parameter (Adafactor factors its second moment: ~0 for LoRA shapes)
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "lion": 4, "lion8bit": 1, "adafactor": 1,
-                         "adamw_schedulefree": 8, "stableadamw": 8}  # fmt: skip
-# saved activations relative to LoRA: DoRA keeps the adapted layers' base and LoRA outputs for its magnitude's
-# gradient; LoHa/LoKr rebuild a full delta weight per layer, which autograd keeps (counted per adapted weight)
-# DoRA's factor measured (H100, SD3 Medium, 1024 px, eager, 2026-11-25: training 11.21 GiB against LoRA's 8.87)
-ADAPTER_ACTIVATION_FACTOR = {"lora": 1.0, "dora": 1.47, "loha": 1.0, "lokr": 1.0}
-# bases an adapter cannot train on: DoRA reads the base weight (fp8 storage hides it), peft's LoHa/LoKr reshape
-# their delta to the base weight's shape (NF4 packs it)
-UNSUPPORTED_BASES = {"dora": ("fp8",), "loha": ("nf4",), "lokr": ("nf4",)}
-# --train_text_encoder: CLIP-L (12 layers x 768) and CLIP-G (32 x 1280) run with grad on 77 tokens; activations
-# ~34 bytes per hidden unit per layer in 16-bit (Korthikanti et al. 2022, no recomputation)
-CLIP_UNITS_PER_TOKEN = 12 * 768 + 32 * 1280
-CLIP_LORA_PARAMS_PER_RANK = 4 * 2 * (12 * 768 + 32 * 1280)  # q/k/v/out, A and B
-# what the terms above missed, measured (same run: 12.38 GiB against 10.68 predicted); the CLIP encoders are the
-# same in every SD3 model, so it is a constant
-TEXT_ENCODER_MEASURED_EXTRA_GIB = 1.70
-# CUDA graphs (compile mode reduce-overhead), measured in one call on an H100 (SD3 Medium, 1024 px, batch 1,
-# 2026-11-25): 0.0753 vs 0.1669 s/step; the graphs' pool keeps the step's activations between steps, so
-# validation holds them too (reserved 11.98 vs 7.61 GiB allocated: 4.37 held, where the activations predict 3.75,
-# hence the pool factor), and the graphs themselves take 0.18 GiB more in training.
-CUDA_GRAPHS_TIME_FACTOR = 0.45
-CUDA_GRAPHS_EXTRA_GIB = 0.18
-CUDA_GRAPHS_POOL_FACTOR = 1.12
 
 
 def compile_by_default(base: str, activation_offload: bool) -> bool:
@@ -64,166 +40,8 @@ def compile_by_default(base: str, activation_offload: bool) -> bool:
     return base == "bf16" and not activation_offload
 
 
-# ---- plans -----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Plan:
-    base: str = "bf16"
-    checkpoint_blocks: int = 0
-    swap_blocks: int = 0
-    activation_offload: bool = False
-    t5: str = "bf16"
-    text_batch: int = 8
-    vae_tiling: bool = False
-    compiled: bool = False  # transformer blocks under torch.compile (speed.CompiledBlocks)
-    cuda_graphs: bool = False  # compiled blocks replayed as CUDA graphs (compile mode reduce-overhead)
-    predicted: dict[str, float] = field(default_factory=dict, compare=False)  # stage -> GiB
-    predicted_s_per_step: float = field(default=0.0, compare=False)
-    predicted_host: dict[str, float] = field(default_factory=dict, compare=False)  # stage -> GiB of host RSS
-    allocator_cap_gib: float = field(default=0.0, compare=False)  # the allocator's share of --max_vram (0: none)
-
-    @property
-    def peak(self) -> float:
-        return max(self.predicted.values()) if self.predicted else 0.0
-
-    @property
-    def host_peak(self) -> float:
-        return max(self.predicted_host.values()) if self.predicted_host else 0.0
-
-    def describe(self) -> str:
-        swap = f", {self.swap_blocks} block(s) swapped from CPU" if self.swap_blocks else ""
-        offload = ", activations offloaded" if self.activation_offload else ""
-        lines = [
-            f"  transformer weights  {self.base}{swap}",
-            f"  checkpointing        {self.checkpoint_blocks} block(s){offload}",
-            f"  T5                   {self.t5}, text batch {self.text_batch}",
-            f"  VAE                  {'tiled' if self.vae_tiling else 'whole images'}",
-            f"  blocks               {'compiled' if self.compiled else 'eager'}"
-            + (", replayed as CUDA graphs" if self.cuda_graphs else ""),
-            "  predicted peak GiB   " + ", ".join(f"{k} {v:.2f}" for k, v in self.predicted.items()),
-            f"  GPU allocator cap    {self.allocator_cap_gib:.2f} GiB (the rest of the budget: CUDA context, "
-            "workspaces, kernels)" if self.allocator_cap_gib else "  GPU allocator cap    none",
-            "  predicted host GiB   " + ", ".join(f"{k} {v:.2f}" for k, v in self.predicted_host.items()),
-            f"  predicted s/step     {self.predicted_s_per_step:.3f} (relative to the calibration GPU)",
-        ]  # fmt: skip
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 # the fields that make a plan (the rest is its prediction)
 PLAN_SETTINGS = tuple(f.name for f in fields(Plan) if f.compare)
-
-
-@dataclass(frozen=True)
-class Workload:
-    resolution: int
-    batch: int  # per step, prior-preservation images included
-    t5_len: int
-    rank: int
-    lora_params: int
-    optimizer: str
-    validation: bool
-    class_images: bool
-    validation_batch: int = 1
-    bf16: bool = True  # the GPU computes in bf16; else fp16 (T5's wo layers in fp32)
-    on_gpu: bool = True
-    adapter: str = "lora"
-    text_encoder_rank: int = 0  # 0: no text-encoder LoRA
-    ema_gpu: bool = False
-    adapted_layers: int = 0  # Linear layers carrying the adapter
-    train_size: tuple[int, int] | None = None  # the largest training image (w, h), e.g. a bucket; default square
-
-    @property
-    def tokens(self) -> int:
-        w, h = self.train_size or (self.resolution, self.resolution)
-        return (w // 16) * (h // 16) + 77 + self.t5_len
-
-
-def _weight_gib(params: int, precision: str, cal: dict[str, Any]) -> float:
-    return params * cal["bytes_per_param"][precision] / GIB
-
-
-def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) -> Plan:
-    """Fills in the predicted per-stage peaks (GiB) and s/step of a plan."""
-    c = cal["coefficients"]
-    n, k, s = sizes.n_blocks, plan.checkpoint_blocks, plan.swap_blocks
-    block = _weight_gib(sizes.block_params, plan.base, cal)
-    resident = _weight_gib(sizes.other_params, "bf16", cal) + (n - s) * block + (2 * block if s else 0.0)
-    opt_bytes = OPTIMIZER_STATE_BYTES[work.optimizer] + (4 if work.ema_gpu else 0)
-    lora = work.lora_params * (4 + 4 + opt_bytes) / GIB
-    text = 0.0
-    if work.text_encoder_rank:  # CLIP weights stay resident; their LoRA, its state and activations
-        text = _weight_gib(sizes.clip_l_params + sizes.clip_g_params, "bf16", cal)
-        text += CLIP_LORA_PARAMS_PER_RANK * work.text_encoder_rank * (4 + 4 + opt_bytes) / GIB
-    units = work.batch * work.tokens * sizes.hidden / GIB  # GiB per byte-per-unit coefficient
-    # compiled blocks save fewer intermediates (inductor fuses the elementwise work between matmuls)
-    full = c["act_full_compiled"] if plan.compiled else c["act_full"]
-    per_ckpt = c["act_checkpointed_compiled"] if plan.compiled else c["act_checkpointed"]
-    saved_ckpt = 0.0 if plan.activation_offload else per_ckpt * k
-    act = units * (full * (n - k) + saved_ckpt + (full if k else 0.0)) * ADAPTER_ACTIVATION_FACTOR[work.adapter]
-    if work.adapter in ("loha", "lokr"):  # one bf16 hidden x hidden delta per adapted layer of an uncheckpointed block
-        act += work.adapted_layers * (n - k) / n * sizes.hidden**2 * 2 / GIB
-    stages: dict[str, float] = {}
-    text_units = plan.text_batch / 8
-    stages["CLIP-L"] = _weight_gib(sizes.clip_l_params, "bf16", cal) + c["clip_l_act_per8"] * text_units + c["fixed"]
-    stages["CLIP-G"] = _weight_gib(sizes.clip_g_params, "bf16", cal) + c["clip_g_act_per8"] * text_units + c["fixed"]
-    t5_act = c["t5_act_per8x256"] * text_units * work.t5_len / 256
-    if plan.t5 in ("bf16", "int8", "nf4"):
-        fp16_extra = t5_fp16_extra_gib(sizes, work.bf16, plan.t5)
-        stages["T5"] = _weight_gib(sizes.t5_params, f"t5_{plan.t5}", cal) + fp16_extra + t5_act + c["fixed"]
-    elif plan.t5 == "stream":  # accelerate streams one Linear at a time: a measured constant plus activations
-        stages["T5"] = c["t5_stream_base"] + t5_act + c["fixed"]
-    px = (work.train_size[0] * work.train_size[1] if work.train_size else work.resolution**2) / 1024**2
-    tile_px = min(px, 0.25) if plan.vae_tiling else px
-    vae_w = _weight_gib(sizes.vae_params, "bf16", cal)
-    stages["VAE encode"] = vae_w + c["vae_encode_per_mpx"] * tile_px + c["fixed"]
-    sample_act = units / work.batch * 2 * work.validation_batch * c["act_inference"]
-    # decoding inside the pipeline costs more than a bare vae.decode (measured by the budget runs)
-    decode = vae_w + (c["vae_decode_per_mpx"] + c.get("pipeline_decode_extra_per_mpx", 0.0)) * tile_px
-    if work.class_images:
-        stages["class images"] = resident + sample_act + decode + c["fixed"]
-    base_extra = c["base_extra"].get(plan.base, 0.0) * units / c["base_extra_units"]  # dequant/upcast buffers
-    text_act = (
-        work.batch * 77 * CLIP_UNITS_PER_TOKEN * 34 / GIB + TEXT_ENCODER_MEASURED_EXTRA_GIB
-        if work.text_encoder_rank
-        else 0.0
-    )
-    graphs = CUDA_GRAPHS_EXTRA_GIB if plan.cuda_graphs else 0.0
-    stages["training"] = resident + lora + text + text_act + act + base_extra + graphs + c["fixed"]
-    if work.validation:  # CUDA graphs keep the training activations in their pool through validation
-        held = CUDA_GRAPHS_POOL_FACTOR * act + graphs if plan.cuda_graphs else 0.0
-        stages["validation"] = resident + lora + text + held + max(sample_act, decode) + c["fixed"]
-    t = cal["time"]
-    # The batch-1 step is bound by kernel launches, so time follows the block count more than the FLOPs
-    # (measured: SD3.5 Large 0.659 s vs SD3 Medium 0.385 s, 38 vs 24 blocks); more tokens per step than a
-    # 1024 px image cost less than their share (batch 4 measured 1.41x batch 1 eager, 2.0x compiled).
-    fraction = t["launch_bound_fraction_compiled"] if plan.compiled else t["launch_bound_fraction"]
-    base_t = (
-        t["s_per_step_1024_bf16_full_ckpt"]
-        * n
-        / t["calibration_blocks"]
-        * max(1.0, (work.batch * work.tokens) / (4096 + 154) * fraction)
-    )
-    ckpt_factor = 1 / (1 + t["checkpoint_overhead"]) * (1 + t["checkpoint_overhead"] * k / n)
-    seconds = base_t * ckpt_factor * t["base_factor"][plan.base]
-    if plan.compiled:  # compiled/eager step time, measured without and with full checkpointing
-        seconds *= t["compiled_factor_none"] + (t["compiled_factor_all"] - t["compiled_factor_none"]) * k / n
-    copy_s = 2 * s * sizes.block_params * cal["bytes_per_param"][plan.base] / (t["h2d_gbps"] * 1e9)
-    seconds = max(seconds, copy_s) + t["swap_overhead_per_block"] * s
-    if plan.activation_offload:
-        seconds *= t["activation_offload_factor"]
-    if plan.cuda_graphs:
-        seconds *= CUDA_GRAPHS_TIME_FACTOR
-    host = host_stages(plan, sizes, work.t5_len, work.bf16, cal, work.on_gpu)
-    return replace(
-        plan,
-        predicted={k_: round(v, 3) for k_, v in stages.items()},
-        predicted_s_per_step=round(seconds, 4),
-        predicted_host=host,
-    )
 
 
 def candidates(sizes: ModelSizes, fixed: dict[str, Any]) -> list[Plan]:
@@ -318,8 +136,11 @@ class Machine:
     ram_available_gib: float | None = None
 
 
-def workload(cfg: Any, sizes: ModelSizes, machine: Machine, train_size: tuple[int, int] | None = None) -> Workload:
-    """The run's workload; ``train_size`` is its largest training image (the largest aspect-ratio bucket)."""
+def workload(
+    cfg: Any, sizes: ModelSizes, machine: Machine, train_size: tuple[int, int] | None = None, shapes: int = 1
+) -> Workload:
+    """The run's workload; ``train_size`` is its largest training image (the largest aspect-ratio bucket) and
+    ``shapes`` the number of distinct batch shapes its data gives (counted by the caller from the data)."""
     n_targets = len(cfg.target_blocks) if cfg.target_blocks else sizes.n_blocks
     lora_params = n_targets * len(cfg.target_layers) * 2 * cfg.rank * sizes.hidden
     lora_params *= {"loha": 2.0, "lokr": 0.5}.get(cfg.adapter_type, 1.0)  # LoKr: rough, depends on the factor
@@ -339,6 +160,7 @@ def workload(cfg: Any, sizes: ModelSizes, machine: Machine, train_size: tuple[in
         ema_gpu=cfg.use_ema and cfg.ema_device == "gpu",
         adapted_layers=n_targets * len(cfg.target_layers),
         train_size=train_size,
+        shapes=shapes,
     )
 
 
@@ -348,13 +170,15 @@ def plan_for_config(
     machine: Machine | None,
     cal: dict[str, Any] | None = None,
     train_size: tuple[int, int] | None = None,
+    shapes: int = 1,
 ) -> tuple[Plan, float]:
-    """(plan, budget) for a run; on the CPU (machine None or without a GPU) only the user's fixed settings apply."""
+    """(plan, budget) for a run; on the CPU (machine None or without a GPU) only the user's fixed settings apply.
+    ``train_size`` and ``shapes``: the largest training image and the number of batch shapes (see workload)."""
     machine = machine or Machine()
     sizes = read_sizes(root, cfg.variant)
     fixed = fixed_settings(cfg, sizes.n_blocks)
     cal = cal or load_calibration()
-    work = workload(cfg, sizes, machine, train_size)
+    work = workload(cfg, sizes, machine, train_size, shapes)
     if machine.gpu_available_gib is None:  # the CPU: nothing compiles unless asked (its cost is never won back)
         plan = Plan(**{"t5": "bf16", "compiled": False, **fixed, "cuda_graphs": False})
         return predict(plan, sizes, work, cal), 0.0
@@ -366,7 +190,7 @@ def plan_for_config(
 
 def _fits(p: Plan, limits: Limits, cal: dict[str, Any]) -> bool:
     ram_ok = limits.ram_gib is None or p.host_peak <= limits.ram_gib
-    return p.peak <= p.allocator_cap_gib * cal["safety"] and ram_ok
+    return p.need <= p.allocator_cap_gib * cal["safety"] and ram_ok
 
 
 def choose(sizes: ModelSizes, work: Workload, limits: Limits | float, cal: dict[str, Any],
@@ -399,11 +223,11 @@ def choose(sizes: ModelSizes, work: Workload, limits: Limits | float, cal: dict[
     # fits the budget is worth more than embeddings), whole-image VAE work, then the plan lighter on host memory,
     # then on the GPU
     return min(fits, key=lambda p: (p.predicted_s_per_step, T5_ORDER.index(p.t5), p.vae_tiling, round(p.host_peak, 1),
-                                    p.peak, -p.text_batch))  # fmt: skip
+                                    p.need, -p.text_batch))  # fmt: skip
 
 
 def _nothing_fits(predicted: list[Plan], limits: Limits, work: Workload, cal: dict[str, Any]) -> str:
-    gpu_ok = [p for p in predicted if p.peak <= p.allocator_cap_gib * cal["safety"]]
+    gpu_ok = [p for p in predicted if p.need <= p.allocator_cap_gib * cal["safety"]]
     if gpu_ok and limits.ram_gib is not None:
         least = min(gpu_ok, key=lambda p: p.host_peak)
         return (
@@ -411,10 +235,26 @@ def _nothing_fits(predicted: list[Plan], limits: Limits, work: Workload, cal: di
             f"need in host memory (at least {least.host_peak:.2f} GiB predicted); raise --max_ram, free memory, "
             "or raise --max_vram so less is kept in host memory"
         )
-    smallest = min(predicted, key=lambda p: p.peak + (limits.vram_gib - p.allocator_cap_gib))
-    need = smallest.peak / cal["safety"] + (limits.vram_gib - smallest.allocator_cap_gib)
+    smallest = min(predicted, key=lambda p: p.need + (limits.vram_gib - p.allocator_cap_gib))
+    need = smallest.need / cal["safety"] + (limits.vram_gib - smallest.allocator_cap_gib)
+    costly = _costly_choices(work)
     return (
         f"--max_vram {limits.vram_gib:g} GiB is below what this model needs at resolution {work.resolution} "
         f"(at least {need:.2f} GiB predicted for the whole process with the settings given); raise "
-        "--max_vram, lower --resolution or --train_batch_size, or leave the memory settings to the planner"
+        f"--max_vram, lower --resolution or --train_batch_size{', ' + costly if costly else ''}, or leave the "
+        "memory settings to the planner"
     )
+
+
+def _costly_choices(work: Workload) -> str:
+    """The choices of the run that cost GPU memory beyond plain LoRA, as the hint names them."""
+    out = []
+    if work.text_encoder_rank:
+        out.append("drop --train_text_encoder")
+    if work.adapter == "dora":
+        out.append("use --lora_type lora instead of dora")
+    if work.ema_gpu:
+        out.append("use --ema_device cpu")
+    if work.shapes > 1:
+        out.append(f"use fewer aspect-ratio buckets ({work.shapes} batch shapes; --no-enable_bucket: one)")
+    return ", ".join(out)

@@ -30,7 +30,7 @@ from sd3booth.cache import text as cache_text
 from sd3booth.config import TrainConfig
 from sd3booth.errors import UserError
 from sd3booth.models import loaders, memory, placement, source, speed
-from sd3booth.prepare import Prepared, prepare, train_size
+from sd3booth.prepare import Prepared, batch_shape_count, prepare, train_size
 from sd3booth.report import REPORT_FILE, write_report_safely
 from sd3booth.tracking import MetricsFile, Stages, tracker_config
 from sd3booth.train import artefacts, checkpoint, methods, publish, resume
@@ -99,9 +99,11 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     verify(cfg)
     out = Path(cfg.output_dir)
     checkpoint.open_output(out)  # created, without the temporaries of a write killed last time
+    (out / "oom.json").unlink(missing_ok=True)  # an earlier run's out-of-memory record (see train)
     info = placement.detect_device()
     src = source.resolve_model(cfg.pretrained_model_name_or_path or "", cfg.revision, cfg.variant, **cfg.model_files)
-    place = placement.place_run(cfg, src.root, info, train_size=train_size(cfg, src))  # the largest bucket
+    shapes = batch_shape_count(cfg, src)  # the memory plan keeps headroom for each batch shape beyond the first
+    place = placement.place_run(cfg, src.root, info, train_size=train_size(cfg, src), shapes=shapes)
     accelerator = Accelerator(
         mixed_precision=place.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -112,13 +114,15 @@ def _open(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
         which = "--max_vram" if cfg.max_vram else "default budget: free on the card at start, less 0.5"
         say(f"memory plan for {place.budget_gib:.1f} GiB of {info.name}, whole process ({which}):")
         say(place.memory.describe())
+        if memory.ensure_expandable_segments():
+            say("allocator: expandable segments switched on (CUDA had started before PYTORCH_CUDA_ALLOC_CONF)")
         if place.memory.allocator_cap_gib:
             memory.cap_allocator(place.device, place.memory.allocator_cap_gib)
         if cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         plan = {"budget_gib": place.budget_gib, "device": info.name, "measured_overhead_gib": info.overhead_gib,
-                **place.memory.to_dict()}  # fmt: skip
+                "allocator_settings": memory.allocator_settings(), **place.memory.to_dict()}  # fmt: skip
         (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     return Run(cfg, out, accelerator, place, Stages(place.device), say)
 
@@ -178,10 +182,9 @@ def _model(run: Run) -> None:
         run.swapper = loaders.attach_memory_savers(transformer, place)
     if place.memory.compiled:  # the plan decided (on by default on CUDA with bf16 blocks, see plan/choose.py)
         shapes = len(run.batches.order.shapes())  # (bucket, batch length) pairs: one compilation each, or dynamic
-        graphs = "reduce-overhead" if place.memory.cuda_graphs else None
-        run.compiled = speed.CompiledBlocks(transformer.transformer_blocks, mode=graphs, shapes=shapes)
-        mode = ("dynamic" if run.compiled.dynamic else "static") + (", CUDA graphs" if run.compiled.cuda_graphs else "")
-        run.say(f"compiling {len(run.compiled.blocks)} blocks for {shapes} batch shape(s), {mode} shapes (first steps)")
+        mode = "reduce-overhead" if place.memory.cuda_graphs else None  # CUDA graphs where the plan allows them
+        run.compiled = speed.CompiledBlocks(transformer.transformer_blocks, mode, shapes=shapes)
+        run.say(run.compiled.describe())
     scheduler = loaders.load_scheduler(run.prep.src)
     run.sigmas = scheduler.sigmas.to(place.device)
     run.timesteps = scheduler.timesteps.to(place.device)
@@ -329,9 +332,8 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
     from tqdm.auto import tqdm
 
     cfg, start = run.cfg, run.start
-    profiler = speed.StepProfiler(
-        os.environ.get("SD3BOOTH_PROFILE"), run.place.device, run.out / "profile.json", run.say
-    )
+    profile = os.environ.get("SD3BOOTH_PROFILE")
+    profiler = speed.StepProfiler(profile, run.place.device, run.out / "profile.json", run.say)
     metrics = MetricsFile(run.out / "metrics.jsonl", start) if run.main else None
     run.say(
         f"training {run.max_steps} steps: {len(run.batches.instances)} images x {cfg.repeats} repeats, batch "
@@ -410,8 +412,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
         setup(run)
         step, last_loss, step_times = loop(run)
         return finish(run, step, last_loss, step_times)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as e:
         stage = run.stages.failed_in or run.stages.current
+        (run.out / "oom.json").write_text(json.dumps(memory.out_of_memory_record(run.place.device, e), indent=2))
         raise UserError(out_of_memory_message(stage, run.place, cfg.max_vram is not None)) from None
     finally:
         run.stages.close()

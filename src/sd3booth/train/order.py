@@ -14,6 +14,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from sd3booth.data.buckets import batch_shapes
+
 
 def _perm(n: int, seed: int, epoch: int, salt: int) -> list[int]:
     g = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + salt) % 2**63)
@@ -61,12 +63,7 @@ class DataOrder:
 
     def shapes(self) -> set[tuple[Hashable, int]]:
         """Every (size, items in the batch) a batch can have: the shapes compiled blocks see."""
-        out = set()
-        for key, group in zip(self.keys, self.groups):
-            out.add((key, min(len(group), self.batch)))
-            if len(group) % self.batch:
-                out.add((key, len(group) % self.batch))
-        return out
+        return batch_shapes({k: len(g) for k, g in zip(self.keys, self.groups)}, self.batch)
 
 
 def step_seed(seed: int, m: int, rank: int) -> int:
