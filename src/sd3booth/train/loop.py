@@ -178,7 +178,8 @@ def _model(run: Run) -> None:
         shapes = len(run.batches.order.shapes())  # (bucket, batch length) pairs: one compilation each, or dynamic
         run.compiled = speed.CompiledBlocks(transformer.transformer_blocks, shapes=shapes)
         mode = "dynamic" if run.compiled.dynamic else "static"
-        run.say(f"compiling {len(run.compiled.blocks)} blocks for {shapes} batch shape(s), {mode} shapes (first steps)")
+        run.say(f"compiling {len(run.compiled.blocks)} blocks for {shapes} batch shape(s), {mode} shapes (first steps; "
+                f"kept in {speed.compile_cache_dir()})")
     scheduler = loaders.load_scheduler(run.prep.src)
     run.sigmas = scheduler.sigmas.to(place.device)
     run.timesteps = scheduler.timesteps.to(place.device)
@@ -295,8 +296,10 @@ def _log_step(run: Run, metrics: MetricsFile | None, step: int, loss: float, dt:
     lr = run.lr_scheduler.get_last_lr()[0]
     record = {"step": step, "loss": loss, "lr": lr, "s_per_step": dt, "peak_gpu_gib": peak}
     bar.set_postfix(loss=f"{loss:.4f}", peak=f"{peak:.2f}GiB" if peak else "-", refresh=False)
+    # the first compiled step, logged alone: whether its compilation came from the cache of an earlier run
+    first = {"compile_cache": speed.compile_cache_counts()} if run.compiled and step == run.start + 1 else {}
     if metrics is not None:
-        metrics.write({**record, "epoch": run.completed_epochs(step)})
+        metrics.write({**record, "epoch": run.completed_epochs(step), **first})
         run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
 
@@ -401,9 +404,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     """Runs every stage of ``sd3booth train``; returns what it produced."""
     run = _open(cfg, log)
     try:
-        setup(run)
-        step, last_loss, step_times = loop(run)
-        return finish(run, step, last_loss, step_times)
+        with speed.persistent_compile_cache(speed.compile_cache_dir() if run.place.memory.compiled else None):
+            setup(run)
+            step, last_loss, step_times = loop(run)
+            return finish(run, step, last_loss, step_times)
     except torch.OutOfMemoryError:
         stage = run.stages.failed_in or run.stages.current
         raise UserError(out_of_memory_message(stage, run.place, cfg.max_vram is not None)) from None
