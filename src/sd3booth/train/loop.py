@@ -178,8 +178,8 @@ def _model(run: Run) -> None:
         shapes = len(run.batches.order.shapes())  # (bucket, batch length) pairs: one compilation each, or dynamic
         run.compiled = speed.CompiledBlocks(transformer.transformer_blocks, shapes=shapes)
         mode = "dynamic" if run.compiled.dynamic else "static"
-        run.say(f"compiling {len(run.compiled.blocks)} blocks for {shapes} batch shape(s), {mode} shapes (first steps; "
-                f"kept in {speed.compile_cache_dir()})")
+        n, kept = len(run.compiled.blocks), speed.compile_cache_dir()
+        run.say(f"compiling {n} blocks for {shapes} batch shape(s), {mode} shapes (first steps; cache {kept})")
     scheduler = loaders.load_scheduler(run.prep.src)
     run.sigmas = scheduler.sigmas.to(place.device)
     run.timesteps = scheduler.timesteps.to(place.device)
