@@ -116,7 +116,8 @@ def bench_whole(
     ref = reference.run_reference(script, model_dir, photos, out / "whole-reference", resolution, steps, PROMPT,
                                   True, log)  # fmt: skip
     cache = out / "whole-compile-cache"
-    shutil.rmtree(cache, ignore_errors=True)
+    for fresh in (cache, out / "whole-ours"):  # nothing compiled or cached by an earlier call
+        shutil.rmtree(fresh, ignore_errors=True)
     validation = {"--validation_steps": max(steps // 2, 1), "--num_inference_steps": VALIDATION_STEPS}
     ours = run_ours(model_dir, photos, out / "whole-ours", resolution, steps, None, ours_label(None), log,
                     validation, {"SD3BOOTH_COMPILE_CACHE": str(cache)})  # fmt: skip
@@ -133,7 +134,8 @@ def bench_coldstart(model_dir: Path, out: Path, resolution: int, steps: int, log
     latent caches are warm for the second run too; the first step is timed after the model is loaded)."""
     photos = _photos(out, resolution)
     cache = out / "coldstart-compile-cache"
-    shutil.rmtree(cache, ignore_errors=True)
+    for fresh in (cache, out / "coldstart"):
+        shutil.rmtree(fresh, ignore_errors=True)
     rows = []
     for state in ("cold", "warm"):
         rows.append(run_ours(model_dir, photos, out / "coldstart", resolution, steps, None,
