@@ -152,7 +152,11 @@ def run_bench(
 
         result.setdefault("speed", {})["long_run"] = bench_long(model_dir, RANK, long_steps or 500, log)
     if any(p in parts for p in ("reference", "whole", "coldstart")):
-        _run_parts(result, parts, script, model_dir, out, resolutions[0], steps, long_steps, log)
+        try:
+            _run_parts(result, parts, script, model_dir, out, resolutions[0], steps, long_steps, log)
+        except UserError:  # the script failed: keep what the earlier parts measured
+            (out / f"bench-{arch}.json").write_text(json.dumps(result, indent=2) + "\n")
+            raise
     from sd3booth.bench.report import markdown
 
     (out / f"bench-{arch}.json").write_text(json.dumps(result, indent=2) + "\n")
