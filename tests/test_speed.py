@@ -7,6 +7,8 @@ the same graph capture, autograd and guard logic as inductor on the GPU, without
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,8 +107,21 @@ def test_compiled_blocks_match_eager_and_keep_hooks(with_savers):
 
 def test_train_compiled_matches_eager(tiny_model, tmp_path, monkeypatch):
     """The whole CLI with --compile (aot_eager on the CPU), checkpointing and block swap: the LoRA agrees with
-    the eager run's, validation runs the eager forwards, and the first step is logged on its own."""
+    the eager run's, validation runs the eager forwards, and the first step is logged on its own, with the
+    compile caches' counts, while inductor's caches point at the persistent folder."""
+    import os
+
     monkeypatch.setenv(speed.BACKEND_ENV, "aot_eager")
+    monkeypatch.setenv(speed.COMPILE_CACHE_ENV, str(tmp_path / "compile-cache"))
+    inductor_dir = os.environ.get(speed.INDUCTOR_CACHE_ENV)
+    seen = []
+    real_blocks = speed.CompiledBlocks
+
+    def blocks(*args, **kwargs):
+        seen.append(os.environ.get(speed.INDUCTOR_CACHE_ENV))
+        return real_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(speed, "CompiledBlocks", blocks)
     data = tmp_path / "photos"
     write_demo_like_dataset(data, n=2, size=64)
     common = [
@@ -148,8 +163,12 @@ def test_train_compiled_matches_eager(tiny_model, tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 4]  # step 1 (compilation) alone, then every --logging_steps
+    records = [json.loads(x) for x in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 4]  # step 1 (compilation) alone, then every --logging_steps
+    assert set(records[0]["compile_cache"]) >= {"fxgraph_cache_hit", "autograd_cache_miss"}
+    assert all("compile_cache" not in r for r in records[1:])
+    assert seen == [str(tmp_path / "compile-cache")] and (tmp_path / "compile-cache").is_dir()
+    assert os.environ.get(speed.INDUCTOR_CACHE_ENV) == inductor_dir  # restored after the run
     steps = [json.loads(x)["step"] for x in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]
     assert len(list((tmp_path / "compiled" / "validation" / "step-2").glob("*.png"))) == 1
@@ -177,3 +196,53 @@ def test_profile_summary_and_step_profiler_on_cpu(tmp_path):
     for bad in ("x", "3:0", "-1:2"):
         with pytest.raises(UserError, match="SD3BOOTH_PROFILE"):
             speed.StepProfiler(bad, torch.device("cpu"), tmp_path / "profile.json", print)
+
+
+def test_compile_cache_folder_follows_the_settings(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    env = {speed.INDUCTOR_CACHE_ENV: default_cache_dir()}  # what torch sets itself once dynamo is imported
+    assert speed.compile_cache_dir(env) == tmp_path / "xdg" / "sd3booth" / "compile"
+    assert speed.compile_cache_dir({speed.INDUCTOR_CACHE_ENV: "/data/inductor"}) == Path("/data/inductor")
+    both = {speed.INDUCTOR_CACHE_ENV: "/data/inductor", speed.COMPILE_CACHE_ENV: str(tmp_path / "mine")}
+    assert speed.compile_cache_dir(both) == tmp_path / "mine"
+
+
+def _compile_once(folder: Path) -> dict[str, int]:
+    """The toy blocks compiled with inductor as a new run would (nothing compiled in memory); the compile
+    caches' counts of that compilation."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    before = speed.compile_cache_counts()
+    with speed.persistent_compile_cache(folder):
+        blocks = _blocks()
+        compiled = speed.CompiledBlocks(blocks, backend="inductor")
+        _grads(blocks)
+        compiled.remove()
+    return {k: v - before[k] for k, v in speed.compile_cache_counts().items()}
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on the CPU needs a C++ compiler")
+def test_compilation_is_reused_from_the_folder_and_keyed_by_torch_and_device(tmp_path, monkeypatch):
+    """A second run loads every graph from the folder (forward and backward, FX graph and AOTAutograd caches);
+    a different torch build or GPU (inductor's own key) misses instead of loading the first run's code."""
+    from torch._inductor import codecache
+
+    folder = tmp_path / "compile"
+    cold = _compile_once(folder)
+    assert cold["fxgraph_cache_miss"] >= 2 and cold["fxgraph_cache_hit"] == 0 and cold["autograd_cache_miss"] >= 1
+    assert (folder / "fxgraph").is_dir() and (folder / "aotautograd").is_dir()
+    warm = _compile_once(folder)
+    assert warm["fxgraph_cache_miss"] == 0 and warm["autograd_cache_miss"] == 0
+    assert warm["fxgraph_cache_hit"] == cold["fxgraph_cache_miss"] and warm["autograd_cache_hit"] >= 1
+    system = codecache.CacheBase.get_system()
+    another_gpu = {**system, "device": {"name": "another GPU"}, "hash": "another-gpu"}
+    for patch in (("torch_key", lambda: b"another torch build"), ("get_system", lambda: another_gpu)):
+        with monkeypatch.context() as m:
+            owner = codecache if patch[0] == "torch_key" else codecache.CacheBase
+            m.setattr(owner, patch[0], staticmethod(patch[1]) if owner is not codecache else patch[1])
+            elsewhere = _compile_once(folder)
+        assert elsewhere["fxgraph_cache_hit"] == 0 and elsewhere["autograd_cache_hit"] == 0, patch[0]
+        assert elsewhere["fxgraph_cache_miss"] == cold["fxgraph_cache_miss"], patch[0]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One `sd3booth bench` call on the GPU machine, the random model written once under .models/ (git-ignored,
 # kept between calls while the machine stays warm). Usage: tools/gpu_bench.sh ARCH OUT [bench flags...]
-# The code is src/sd3booth/bench/ (parts: stock, calibrate, budgets, speed, long). To feed the packaged
+# The code is src/sd3booth/bench/ (parts: stock, calibrate, budgets, speed, long, reference, whole, coldstart). To feed the packaged
 # calibration: copy OUT/bench-ARCH.json into bench/results/, name it in bench/results/calibration-sources.json
 # and run `sd3booth bench --refit bench/results` (no GPU needed; docs/calibration.md).
 set -euo pipefail

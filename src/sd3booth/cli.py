@@ -84,7 +84,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--model_dir", help="Use this model folder instead of writing a random one.")
     p.add_argument("--output_dir", default="bench-out", help="Where results go. [default: bench-out]")
     p.add_argument(
-        "--parts", default="stock,calibrate,budgets", help="Comma list of stock, calibrate, budgets, speed, long."
+        "--parts",
+        default="stock,calibrate,budgets",
+        help="Comma list of stock, calibrate, budgets, speed, long, reference, whole, coldstart (src/sd3booth/bench/).",
+    )
+    p.add_argument(
+        "--reference_script",
+        metavar="PATH",
+        help="reference, whole: diffusers' train_dreambooth_lora_sd3.py (never copied here), timed at its fastest "
+        "(bf16, AdamW, no checkpointing, cached latents) beside our runs; it needs torchvision (the build matching "
+        "torch) and tensorboard, as diffusers' examples/dreambooth/requirements_sd3.txt lists.",
     )
     p.add_argument("--resolutions", default="1024,512", help="Training resolutions; budgets use the first.")
     p.add_argument("--budgets", default="3,4,6,8,12,16,default", help="--max_vram values ('default': none).")
@@ -93,7 +102,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "--long_steps",
         type=int,
         default=0,
-        help="long: steps of the whole timed run of each stack, compilation included. [default: 500]",
+        help="long, whole: steps of the whole timed run of each stack, compilation included. "
+        "[default: 500 for long, 1000 for whole]",
     )
     p.add_argument(
         "--optimizer",
@@ -183,6 +193,7 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
         "sd3booth bench " + " ".join(sys.argv[2:]),
         long_steps=ns.long_steps,
         optimizer=ns.optimizer,
+        reference_script=ns.reference_script,
     )
     return 0
 

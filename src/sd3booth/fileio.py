@@ -8,6 +8,12 @@ import os
 from pathlib import Path
 
 
+def user_cache_root() -> Path:
+    """sd3booth's folder in the user's cache (``$XDG_CACHE_HOME/sd3booth``, else ``~/.cache/sd3booth``): what
+    outlives a run and is shared by every run of this user (converted single files, compiled blocks)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "sd3booth"
+
+
 def umask() -> int:
     """The process umask (reading it means setting it; it is set straight back)."""
     mask = os.umask(0)

@@ -11,6 +11,11 @@ Parts (``--parts``, any of), one module each:
 * ``speed``     (:mod:`.speed`) the training step of our stack (eager and compiled) against the stock stack at
                 batch 1 and 4, model-FLOP utilisation, compiled-vs-eager parity, a profile of each.
 * ``long``      (:mod:`.speed`) a whole run of N steps of each stack, compilation included.
+* ``reference`` (:mod:`.runs`, :mod:`.reference`) diffusers' ``train_dreambooth_lora_sd3.py`` (``--reference_script
+                PATH``, never copied here) at its fastest beside ``sd3booth train`` (default plan, ``--max_vram 3``),
+                each a subprocess sampled from outside; the ratios of the speed targets.
+* ``whole``     (:mod:`.runs`) an N-step run of the script and of ours, everything included, wall time.
+* ``coldstart`` (:mod:`.runs`) our default plan twice with one fresh compile cache: the first step cold, then warm.
 
 :mod:`.run` runs them (``run_bench``), :mod:`.fit` fits ``calibration.json`` from what calibrate, budgets and
 speed measured (pure; ``sd3booth bench --refit bench/results`` refits the packaged file from the stored

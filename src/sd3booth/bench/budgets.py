@@ -24,10 +24,17 @@ OPTIMIZER_BEFORE_RECORDED = "adamw8bit"
 
 
 def budget_command(
-    model_dir: Path, photos: Path, run: Path, resolution: int, steps: int, optimizer: str, budget: float | None
+    model_dir: Path,
+    photos: Path,
+    run: Path,
+    resolution: int,
+    steps: int,
+    optimizer: str,
+    budget: float | None,
+    extra: dict[str, Any] | None = None,
 ) -> list[str]:
     """The command line of one budget run: ``sd3booth train`` under a hard cap of ``budget`` GiB (none for
-    the default budget)."""
+    the default budget); ``extra`` flags replace or add to the workload's."""
     w = WORKLOAD
     # the loss is read back (a host sync) only at log steps, as in a real run; a compiled run logs its first
     # step (compilation) alone
@@ -43,6 +50,7 @@ def budget_command(
     }  # fmt: skip
     if budget:
         args["--max_vram"] = budget
+    args.update(extra or {})
     cli = ["train", "--overwrite_output_dir", *[str(x) for kv in args.items() for x in kv]]
     if budget:
         return [sys.executable, "-m", "sd3booth.bench.capped", str(budget), *cli]
@@ -79,12 +87,18 @@ def read_run(run: Path, log_every: int) -> dict[str, Any]:
     return row
 
 
-def run_sampled(cmd: list[str], interval: float = 0.1) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Runs ``cmd`` while sampling, from outside, its process tree's GPU memory (NVML, as nvidia-smi shows it)
-    and host RSS every ``interval`` s; returns (result, peak GPU GiB, peak host GiB)."""
+def run_sampled(
+    cmd: list[str], interval: float = 0.1, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Runs ``cmd`` (with ``env`` added to this process's environment) while sampling, from outside, its process
+    tree's GPU memory (NVML, as nvidia-smi shows it) and host RSS every ``interval`` s; returns (result, peak
+    GPU GiB, peak host GiB)."""
+    import os
+
     from sd3booth.models.memory import host_rss_gib, process_gpu_gib
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    environ = {**os.environ, **env} if env else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
     peak_gpu = peak_host = 0.0
     import threading
 

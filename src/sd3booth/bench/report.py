@@ -97,20 +97,69 @@ def _whole_process(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _num(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, float | int) else "-"
+
+
+def _speed_row(r: dict[str, Any], base: dict[int, float], process: bool) -> str:
+    """One row of the speed table; a whole run (``"measured": "run"``) is not compared with the stock stack,
+    which was timed on synthetic inputs in this process."""
+    if r.get("s_per_step") is None:
+        cells = [r["stack"], str(r["batch"]), r.get("checkpointing", "-"), f"failed: {r.get('error', '?')}"]
+        return "| " + " | ".join(cells + [""] * (5 if process else 4)) + " |"
+    speedup = base.get(r["batch"]) if r.get("measured") != "run" else None
+    cells = [r["stack"], str(r["batch"]), r["checkpointing"], f"{r['s_per_step']:.3f}",
+             f"{speedup / r['s_per_step']:.2f}×" if speedup else "-", _num(r.get("first_step_s"), ".1f"),
+             _num(r.get("peak_gib"), ".2f"), str(r.get("mfu", ""))]  # fmt: skip
+    if process:
+        cells.append(_num(r.get("process_gpu_gib"), ".2f"))
+    return "| " + " | ".join(cells) + " |"
+
+
+def _target(value: float | None, key: str) -> str:
+    from sd3booth.bench.runs import TARGETS
+
+    if value is None:
+        return "- (a run failed)"
+    return f"{value:.2f}× (target ≤ {TARGETS[key]:.2f}×: {'met' if value <= TARGETS[key] else 'not met'})"
+
+
+def _runs(res: dict[str, Any]) -> list[str]:
+    """Below the table: the targets' ratios, the whole runs, the cold start, the plans of our runs."""
+    lines = []
+    if q := res.get("ratios"):
+        default = _target(q["default_vs_reference"], "default_vs_reference")
+        small = _target(q["small_vs_default"], "small_vs_default")
+        lines += ["", f"Ratios: ours default / diffusers script s/step {default}; ours --max_vram 3 / ours default "
+                  f"{small}."]  # fmt: skip
+    if w := res.get("whole_run"):
+        lines += ["", f"{w['steps']}-step run, everything included (loading, caching, compilation, 2 validations): "
+                  f"diffusers script {w['reference_s']} s, ours {w['ours_s']} s: "
+                  f"{_target(w['whole_vs_reference'], 'whole_vs_reference')}."]  # fmt: skip
+    first = [f"{r['stack'].rsplit(', ', 1)[-1]}: {_num(r.get('first_step_s'), '.1f')} s (FX graphs: "
+             f"{r['compile_cache']['fxgraph_cache_miss']} compiled, {r['compile_cache']['fxgraph_cache_hit']} loaded)"
+             for r in res.get("rows", []) if "compile_cache" in r]  # fmt: skip
+    if first:
+        lines += ["", "First compiled step after the model is loaded (target ≤ 20 s): " + "; ".join(first) + "."]
+    plans = [f"{r['stack']}: {_plan(r['plan'])}" for r in res.get("rows", []) if r.get("plan")]
+    if plans:
+        lines += ["", "Plans of our runs: " + "; ".join(dict.fromkeys(plans)) + "."]
+    return lines
+
+
 def markdown_speed(res: dict[str, Any]) -> list[str]:
-    """The speed part: step table against stock, parity, the long run and the profiles."""
+    """The speed part: step table against stock (and the runs beside diffusers' script), parity, the long run
+    and the profiles."""
     rows = res.get("rows", [])
     base = {r["batch"]: r["s_per_step"] for r in rows if r["stack"] == "stock"}
+    process = any("process_gpu_gib" in r for r in rows)  # whole runs, sampled from outside
     lines = [
-        "| stack | batch | checkpointing | s/step | vs stock (same batch) | first step s | peak GiB | MFU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stack | batch | checkpointing | s/step | vs stock (same batch) | first step s | peak GiB | MFU |"
+        + (" GPU whole process GiB |" if process else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if process else ""),
     ]
-    for r in rows:
-        speedup = base[r["batch"]] / r["s_per_step"]
-        lines.append(
-            f"| {r['stack']} | {r['batch']} | {r['checkpointing']} | {r['s_per_step']:.3f} | {speedup:.2f}× | "
-            f"{r['first_step_s']:.1f} | {r['peak_gib']:.2f} | {r.get('mfu', '')} |"
-        )
+    lines += [_speed_row(r, base, process) for r in rows]
+    lines += _runs(res)
     p = res.get("parity")
     if p:
         lines += ["", f"Parity after {p['steps']} steps, compiled vs eager: LoRA rel. err {p['lora_rel_err']}, "

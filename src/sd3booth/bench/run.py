@@ -14,7 +14,9 @@ import torch
 
 from sd3booth.bench.harness import RANK
 
-PARTS = ("stock", "calibrate", "budgets", "speed", "long")
+PARTS = ("stock", "calibrate", "budgets", "speed", "long", "reference", "whole", "coldstart")
+SCRIPT_PARTS = ("reference", "whole")  # the parts that run diffusers' script (--reference_script)
+REFERENCE_MIN_STEPS = 20  # reference: enough logged steps for a median after the warm-up
 
 
 def _header(arch: str, command: str) -> dict[str, Any]:
@@ -89,6 +91,23 @@ def _calibration_parts(result: dict[str, Any], parts: list[str], model_dir: Path
         save(fit.fit_compiled(cal, measured, sp["hidden"], sp["n_blocks"], sp["tokens"]))
 
 
+def _run_parts(result: dict[str, Any], parts: list[str], script: Path | None, model_dir: Path, out: Path,
+               resolution: int, steps: int, long_steps: int, log: Callable[[str], None]) -> None:  # fmt: skip
+    """The parts of whole training runs (:mod:`sd3booth.bench.runs`): their rows join the speed table."""
+    from sd3booth.bench import runs
+
+    speed = result.setdefault("speed", {})
+    rows = speed.setdefault("rows", [])
+    if "reference" in parts:
+        ref = runs.bench_reference(script, model_dir, out, resolution, max(steps, REFERENCE_MIN_STEPS), log)
+        rows += ref["rows"]
+        speed["ratios"] = ref["ratios"]
+    if "whole" in parts:
+        speed["whole_run"] = runs.bench_whole(script, model_dir, out, resolution, long_steps or 1000, log)
+    if "coldstart" in parts:
+        rows += runs.bench_coldstart(model_dir, out, resolution, max(steps, 10), log)
+
+
 def run_bench(
     arch: str,
     model_dir: Path | None,
@@ -101,14 +120,20 @@ def run_bench(
     log: Callable[[str], None] = print,
     long_steps: int = 0,
     optimizer: str = "adamw8bit",
+    reference_script: str | None = None,
 ) -> dict[str, Any]:
     """Runs ``parts`` on a random true-size ``arch`` (or ``model_dir``); returns the result written to ``out``."""
+    from sd3booth.bench.reference import check_script
     from sd3booth.errors import UserError
     from sd3booth.models.source import quiet_libraries
     from sd3booth.plan.sizes import read_sizes
 
     if unknown := [p for p in parts if p not in PARTS]:
         raise UserError(f"unknown bench part(s) {', '.join(unknown)}; parts: {', '.join(PARTS)}")
+    needs_script = [p for p in parts if p in SCRIPT_PARTS]
+    if needs_script and not reference_script:
+        raise UserError(f"bench --parts {','.join(needs_script)} times diffusers' script: pass --reference_script PATH")
+    script = check_script(reference_script) if reference_script else None
     if not torch.cuda.is_available():
         raise UserError("sd3booth bench measures GPU memory and needs a CUDA GPU")
     quiet_libraries()
@@ -126,6 +151,12 @@ def run_bench(
         from sd3booth.bench.speed import bench_long
 
         result.setdefault("speed", {})["long_run"] = bench_long(model_dir, RANK, long_steps or 500, log)
+    if any(p in parts for p in ("reference", "whole", "coldstart")):
+        try:
+            _run_parts(result, parts, script, model_dir, out, resolutions[0], steps, long_steps, log)
+        except UserError:  # the script failed: keep what the earlier parts measured
+            (out / f"bench-{arch}.json").write_text(json.dumps(result, indent=2) + "\n")
+            raise
     from sd3booth.bench.report import markdown
 
     (out / f"bench-{arch}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -118,7 +118,8 @@ class TrainConfig(SettingsViews):
     # speed
     compile: bool | None = _f(
         None,
-        "Compile each transformer block with torch.compile (the first steps pay ~30 s of compilation; "
+        "Compile each transformer block with torch.compile (the first run's first steps pay ~30 s of compilation, "
+        "kept for later runs in ~/.cache/sd3booth/compile or $SD3BOOTH_COMPILE_CACHE; "
         "default: on for a CUDA GPU with bf16 weights, off on CPU, NF4/fp8 bases and activation offload).",
         group="speed",
     )

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from sd3booth.errors import UserError
-from sd3booth.fileio import as_if_created
+from sd3booth.fileio import as_if_created, user_cache_root
 from sd3booth.models.single_file import ENCODER_FOLDERS, ModelFiles, SafetensorsFile, TransformerShape
 
 CONVERSION_VERSION = "1"  # bump when the written folder changes meaning
@@ -33,8 +33,7 @@ def model_cache_root() -> Path:
     env = os.environ.get("SD3BOOTH_MODEL_CACHE")
     if env:
         return Path(env).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
-    return base / "sd3booth" / "single-file"
+    return user_cache_root() / "single-file"
 
 
 def folder_identity(folder: Path) -> str:

@@ -7,19 +7,24 @@ compiles 24-38 copies of the same block. Here each block's *forward* is compiled
 every block, so the cost is paid once per block variant (the last block is ``context_pre_only``). Module
 hooks stay outside the compiled region, which keeps the block swapper's pre/post hooks (eager stream work)
 and checkpointing (the diffusers ``gradient_checkpointing_func`` wraps the block call) working unchanged.
+
+Compilation persists across runs (:func:`persistent_compile_cache`): inductor's own on-disk caches in a folder
+that outlives the run, so a second run loads what the first compiled instead of compiling it again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from sd3booth.errors import UserError
+from sd3booth.fileio import user_cache_root
 from sd3booth.plan.terms import MAX_STATIC_SHAPES  # batch shapes that compile once each, with static shapes
 
 # Tests on the CPU set "aot_eager": dynamo + AOTAutograd without needing a C++ toolchain.
@@ -48,6 +53,62 @@ def dynamic_shapes(n_shapes: int, choice: str | None = None) -> bool:
 
 
 COMPILE_WORKERS = 2  # inductor's compile subprocesses: each holds ~0.4 GiB of host memory while it lives
+COMPILE_CACHE_ENV = "SD3BOOTH_COMPILE_CACHE"  # the folder of compiled blocks kept across runs
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compile_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where compiled blocks are kept across runs: ``$SD3BOOTH_COMPILE_CACHE``; else the user's own
+    ``$TORCHINDUCTOR_CACHE_DIR``; else ``compile`` under sd3booth's cache root (``~/.cache/sd3booth``).
+
+    Not the run's ``--cache_dir`` (OUTPUT_DIR/cache by default): a new output folder would start cold, colder
+    than torch's own default (``/tmp/torchinductor_USER``, lost at reboot). torch sets TORCHINDUCTOR_CACHE_DIR
+    to that default as soon as dynamo is imported, so the default value does not count as the user's choice.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    env = os.environ if env is None else env
+    if env.get(COMPILE_CACHE_ENV):
+        return Path(env[COMPILE_CACHE_ENV]).expanduser()
+    user = env.get(INDUCTOR_CACHE_ENV)
+    if user and os.path.abspath(user) != os.path.abspath(default_cache_dir()):
+        return Path(user)
+    return user_cache_root() / "compile"
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(folder: Path | None) -> Iterator[None]:
+    """Inductor's on-disk caches in ``folder`` for the block (nothing changes when None).
+
+    One folder holds every cache a compiled block needs on its next first step: the FX graph cache (inductor's
+    generated code), the AOTAutograd cache (the traced forward/backward pair), the autotuning results and the
+    Triton kernels (``TRITON_CACHE_DIR`` defaults to a subfolder). Both graph caches are on by default and key
+    each entry by a hash of torch's source, the GPU's name, the CUDA and Triton versions and the graph with its
+    input shapes, dtypes and devices, so another torch or GPU misses instead of loading a wrong entry. Chosen
+    over ``torch.compiler.save_cache_artifacts`` ("mega-cache"), which packs the same caches into one blob to
+    carry to another machine: here the folder simply stays, and nothing must be saved at the end of a run that
+    may be killed. ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` turns the caches off.
+    """
+    if folder is None:
+        yield
+        return
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with temporary_cache_dir(str(folder)):  # sets TORCHINDUCTOR_CACHE_DIR, clears the cached paths, restores
+        yield
+
+
+def compile_cache_counts() -> dict[str, int]:
+    """Hits, misses and bypasses of the FX graph and AOTAutograd caches so far in this process (one per
+    compiled graph; a warm first step hits them all)."""
+    from torch._dynamo.utils import counters
+
+    out = {}
+    for group, prefix in (("inductor", "fxgraph_cache_"), ("aot_autograd", "autograd_cache_")):
+        for what in ("hit", "miss", "bypass"):
+            out[prefix + what] = int(counters[group][prefix + what])
+    return out
 
 
 class CompiledBlocks:
@@ -96,7 +157,8 @@ class CompiledBlocks:
 
     def describe(self) -> str:
         how = ("dynamic" if self.dynamic else "static") + " shapes" + (", CUDA graphs" if self.cuda_graphs else "")
-        return f"compiling {len(self.blocks)} blocks for {self.shapes} batch shape(s), {how} (first steps)"
+        return (f"compiling {len(self.blocks)} blocks for {self.shapes} batch shape(s), {how} (first steps; cache "
+                f"{compile_cache_dir()})")  # fmt: skip
 
     def step_begin(self) -> None:
         """Marks a new training iteration for CUDA graph trees (their outputs of the last one may be reused)."""

@@ -303,17 +303,11 @@ def _log_step(run: Run, metrics: MetricsFile | None, step: int, loss: float, dt:
     lr = run.lr_scheduler.get_last_lr()[0]
     record = {"step": step, "loss": loss, "lr": lr, "s_per_step": dt, "peak_gpu_gib": peak}
     bar.set_postfix(loss=f"{loss:.4f}", peak=f"{peak:.2f}GiB" if peak else "-", refresh=False)
+    # the first compiled step, logged alone: whether its compilation came from the cache of an earlier run
+    first = {"compile_cache": speed.compile_cache_counts()} if run.compiled and step == run.start + 1 else {}
     if metrics is not None:
-        metrics.write({**record, "epoch": run.completed_epochs(step)})
+        metrics.write({**record, "epoch": run.completed_epochs(step), **first})
         run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-
-
-def _validation_due(run: Run, step: int) -> bool:
-    cfg = run.cfg
-    if cfg.validation_steps:
-        return step % cfg.validation_steps == 0
-    done = run.completed_epochs(step)
-    return done > run.completed_epochs(step - 1) and done % cfg.validation_epochs == 0
 
 
 def _checkpoint(run: Run, step: int) -> None:
@@ -370,7 +364,7 @@ def loop(run: Run) -> tuple[int, float | None, list[float]]:
             if step % cfg.checkpointing_steps == 0 and run.main:
                 run.guard.check_loss(step, float(loss_sum.sum()), run.accelerator.scaler is not None)
                 _checkpoint(run, step)
-            if _validation_due(run, step) and step < run.max_steps:
+            if methods.validation_due(run, step) and step < run.max_steps:
                 methods.validate(run, step)
             t_log += time.perf_counter() - t_pause
     bar.close()
@@ -409,9 +403,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     """Runs every stage of ``sd3booth train``; returns what it produced."""
     run = _open(cfg, log)
     try:
-        setup(run)
-        step, last_loss, step_times = loop(run)
-        return finish(run, step, last_loss, step_times)
+        with speed.persistent_compile_cache(speed.compile_cache_dir() if run.place.memory.compiled else None):
+            setup(run)
+            step, last_loss, step_times = loop(run)
+            return finish(run, step, last_loss, step_times)
     except torch.OutOfMemoryError as e:
         stage = run.stages.failed_in or run.stages.current
         (run.out / "oom.json").write_text(json.dumps(memory.out_of_memory_record(run.place.device, e), indent=2))

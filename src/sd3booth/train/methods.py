@@ -59,6 +59,15 @@ def restore_ema(run: Any, trainer_state: dict[str, Any]) -> None:
     run.ema.load_state_dict(trainer_state["ema"])
 
 
+def validation_due(run: Any, step: int) -> bool:
+    """Whether validation runs after ``step``: every --validation_steps, else every --validation_epochs."""
+    cfg = run.cfg
+    if cfg.validation_steps:
+        return step % cfg.validation_steps == 0
+    done = run.completed_epochs(step)
+    return done > run.completed_epochs(step - 1) and done % cfg.validation_epochs == 0
+
+
 def validate(run: Any, step: int) -> None:
     """Validation images with the exported weights (EMA, schedule-free average); with a text-encoder LoRA the
     validation prompts go through it (the cached embeddings are the base encoders')."""
