@@ -65,6 +65,11 @@ def validate(cfg: TrainConfig) -> None:
         bad("--checkpoint_blocks must be 0 or more")
     if cfg.base_precision == "nf4" and cfg.blocks_to_swap:
         bad("--blocks_to_swap cannot move NF4 weights; use --base_precision bf16 or fp8 with block swap")
+    if cfg.swap_dtype == "fp8" and cfg.base_precision in ("fp8", "nf4"):
+        bad(f"--swap_dtype fp8 quantises a bf16 base's swapped blocks; --base_precision {cfg.base_precision} "
+            "already stores them quantised (leave --swap_dtype unset)")  # fmt: skip
+    if cfg.swap_dtype == "fp8" and cfg.blocks_to_swap == 0:
+        bad("--swap_dtype fp8 applies to swapped blocks, and --blocks_to_swap is 0")
     for name in ("lr_warmup_steps", "max_grad_norm", "prior_loss_weight", "adam_weight_decay"):
         if getattr(cfg, name) < 0:
             bad(f"--{name} must not be negative, got {getattr(cfg, name)}")

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from sd3booth.errors import UserError
-from sd3booth.plan.budget import Limits, allocator_cap, host_stages, t5_fp16_extra_gib
+from sd3booth.plan.budget import Limits, allocator_cap, host_stages, swap_host_bytes, t5_fp16_extra_gib
 from sd3booth.plan.calibration import load_calibration
+from sd3booth.plan.rules import FLAGS, conflicts, nothing_fits
 from sd3booth.plan.sizes import ModelSizes, read_sizes
 
 GIB = 2**30
@@ -26,6 +27,11 @@ GIB = 2**30
 # nf4 0.943); encoding is a one-off of seconds, so among plans of equal step time and peak, fidelity decides.
 T5_PREFERENCE = ("bf16", "stream", "cpu", "int8", "nf4")
 # "none" (no T5 at all, zero embeddings as the reference pipeline does) is never chosen, only honoured.
+SWAP_FP8_REASON = (
+    "fp8 (e4m3, a power-of-two scale per row, upcast on the GPU): the frozen base of the swapped blocks is "
+    "quantised (about 2% relative error per weight) to halve their host RAM and copy time; chosen only when "
+    "bf16 copies do not fit --max_ram, or asked for with --swap_dtype fp8"
+)
 T5_ORDER = (*T5_PREFERENCE, "none")
 BASE_SPEED_ORDER = ("bf16", "fp8", "nf4")
 # Issue #12's methods (tools/gpu_methods.sh measured LoRA, DoRA, LoHa, LoKr, text-encoder LoRA, EMA and the
@@ -40,6 +46,8 @@ ADAPTER_ACTIVATION_FACTOR = {"lora": 1.0, "dora": 1.47, "loha": 1.0, "lokr": 1.0
 # bases an adapter cannot train on: DoRA reads the base weight (fp8 storage hides it), peft's LoHa/LoKr reshape
 # their delta to the base weight's shape (NF4 packs it)
 UNSUPPORTED_BASES = {"dora": ("fp8",), "loha": ("nf4",), "lokr": ("nf4",)}
+# DoRA reads the base weights when it is added, before the swapper takes the fp8 host copies the loader made
+FP8_SWAP_UNSUPPORTED = ("dora",)
 # --train_text_encoder: CLIP-L (12 layers x 768) and CLIP-G (32 x 1280) run with grad on 77 tokens; activations
 # ~34 bytes per hidden unit per layer in 16-bit (Korthikanti et al. 2022, no recomputation)
 CLIP_UNITS_PER_TOKEN = 12 * 768 + 32 * 1280
@@ -70,6 +78,7 @@ class Plan:
     text_batch: int = 8
     vae_tiling: bool = False
     compiled: bool = False  # transformer blocks under torch.compile (speed.CompiledBlocks)
+    swap_dtype: str = "bf16"  # host copies of swapped blocks: "bf16" or "fp8" (e4m3 rows, upcast on the GPU)
     predicted: dict[str, float] = field(default_factory=dict, compare=False)  # stage -> GiB
     predicted_s_per_step: float = field(default=0.0, compare=False)
     predicted_host: dict[str, float] = field(default_factory=dict, compare=False)  # stage -> GiB of host RSS
@@ -88,6 +97,7 @@ class Plan:
         offload = ", activations offloaded" if self.activation_offload else ""
         lines = [
             f"  transformer weights  {self.base}{swap}",
+            *([f"  swapped host copies  {SWAP_FP8_REASON}"] if self.swap_blocks and self.swap_dtype == "fp8" else []),
             f"  checkpointing        {self.checkpoint_blocks} block(s){offload}",
             f"  T5                   {self.t5}, text batch {self.text_batch}",
             f"  VAE                  {'tiled' if self.vae_tiling else 'whole images'}",
@@ -142,7 +152,9 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     c = cal["coefficients"]
     n, k, s = sizes.n_blocks, plan.checkpoint_blocks, plan.swap_blocks
     block = _weight_gib(sizes.block_params, plan.base, cal)
-    resident = _weight_gib(sizes.other_params, "bf16", cal) + (n - s) * block + (2 * block if s else 0.0)
+    # swapped blocks land in a ring of two device buffers; fp8 host copies also pass through one e4m3 buffer
+    ring = (2 * block + (block / 2 if plan.swap_dtype == "fp8" else 0.0)) if s else 0.0
+    resident = _weight_gib(sizes.other_params, "bf16", cal) + (n - s) * block + ring
     opt_bytes = OPTIMIZER_STATE_BYTES[work.optimizer] + (4 if work.ema_gpu else 0)
     lora = work.lora_params * (4 + 4 + opt_bytes) / GIB
     text = 0.0
@@ -200,7 +212,7 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     seconds = base_t * ckpt_factor * t["base_factor"][plan.base]
     if plan.compiled:  # compiled/eager step time, measured without and with full checkpointing
         seconds *= t["compiled_factor_none"] + (t["compiled_factor_all"] - t["compiled_factor_none"]) * k / n
-    copy_s = 2 * s * sizes.block_params * cal["bytes_per_param"][plan.base] / (t["h2d_gbps"] * 1e9)
+    copy_s = 2 * s * sizes.block_params * swap_host_bytes(plan.base, plan.swap_dtype, cal) / (t["h2d_gbps"] * 1e9)
     seconds = max(seconds, copy_s) + t["swap_overhead_per_block"] * s
     if plan.activation_offload:
         seconds *= t["activation_offload_factor"]
@@ -220,6 +232,7 @@ def candidates(sizes: ModelSizes, fixed: dict[str, Any]) -> list[Plan]:
         "base": list(BASE_SPEED_ORDER),
         "checkpoint_blocks": sorted({0, n // 4, n // 2, (3 * n) // 4, n}),
         "swap_blocks": sorted({0, *range(2, n + 1, 2), n}),
+        "swap_dtype": ["bf16", "fp8"],
         "activation_offload": [False, True],
         "t5": list(T5_PREFERENCE),
         "text_batch": [8, 1],
@@ -230,39 +243,15 @@ def candidates(sizes: ModelSizes, fixed: dict[str, Any]) -> list[Plan]:
     out = []
     for values in itertools.product(*options.values()):
         plan = Plan(**dict(zip(options, values)))
+        if plan.swap_dtype == "fp8" and not plan.swap_blocks:  # nothing swapped: no host copies to store
+            if "swap_dtype" not in fixed:
+                continue
+            plan = replace(plan, swap_dtype="bf16")
         if "compiled" not in fixed:
             plan = replace(plan, compiled=compile_by_default(plan.base, plan.activation_offload))
-        if not _conflicts(plan, n):
+        if not conflicts(plan, n):
             out.append(plan)
     return out
-
-
-# flag names of the plan fields, for messages
-FLAGS = {
-    "base": "--base_precision",
-    "checkpoint_blocks": "--checkpoint_blocks/--gradient_checkpointing",
-    "swap_blocks": "--blocks_to_swap",
-    "activation_offload": "--activation_offload",
-    "t5": "--t5_precision",
-    "vae_tiling": "--vae_tiling",
-    "compiled": "--compile",
-}
-
-
-def _conflicts(plan: Plan, n: int) -> str | None:
-    """Why a combination cannot run (None when it can): swapped blocks are recomputed, so they need
-    checkpointing; NF4 weights are not swapped; fp8 storage only pays with full checkpointing; activation
-    offload moves what checkpointing saves."""
-    k, s = plan.checkpoint_blocks, plan.swap_blocks
-    if s > k:
-        return f"{FLAGS['swap_blocks']} {s} needs at least as many checkpointed blocks (now {k})"
-    if plan.base == "nf4" and s:
-        return f"{FLAGS['base']} nf4 cannot be combined with {FLAGS['swap_blocks']}"
-    if plan.base == "fp8" and k < n:
-        return f"{FLAGS['base']} fp8 needs every block checkpointed ({k} of {n} now)"
-    if plan.activation_offload and not k:
-        return f"{FLAGS['activation_offload']} needs checkpointed blocks"
-    return None
 
 
 def fixed_settings(cfg: Any, n_blocks: int) -> dict[str, Any]:
@@ -272,6 +261,8 @@ def fixed_settings(cfg: Any, n_blocks: int) -> dict[str, Any]:
         fixed["base"] = cfg.base_precision
     if cfg.blocks_to_swap is not None:
         fixed["swap_blocks"] = min(cfg.blocks_to_swap, n_blocks)
+    if cfg.swap_dtype != "auto":
+        fixed["swap_dtype"] = cfg.swap_dtype
     if cfg.checkpoint_blocks is not None:
         fixed["checkpoint_blocks"] = min(cfg.checkpoint_blocks, n_blocks)
     elif cfg.gradient_checkpointing:
@@ -373,10 +364,15 @@ def choose(sizes: ModelSizes, work: Workload, limits: Limits | float, cal: dict[
     """
     limits = limits if isinstance(limits, Limits) else Limits(vram_gib=float(limits))
     fixed = fixed or {}
-    plans = [p for p in candidates(sizes, fixed) if p.base not in UNSUPPORTED_BASES.get(work.adapter, ())]
+    plans = [
+        p
+        for p in candidates(sizes, fixed)
+        if p.base not in UNSUPPORTED_BASES.get(work.adapter, ())
+        and not (p.swap_dtype == "fp8" and work.adapter in FP8_SWAP_UNSUPPORTED)
+    ]
     if not plans:  # the user's own settings exclude each other: name them rather than blame the budget
         probe = Plan(**fixed)
-        reason = _conflicts(probe, sizes.n_blocks) or "no plan satisfies the settings given"
+        reason = conflicts(probe, sizes.n_blocks) or "no plan satisfies the settings given"
         given = ", ".join(f"{FLAGS.get(k, k)}={v}" for k, v in fixed.items())
         raise UserError(
             f"conflicting memory settings ({given}): {reason}; change one of them or leave it to the planner"
@@ -387,26 +383,9 @@ def choose(sizes: ModelSizes, work: Workload, limits: Limits | float, cal: dict[
     ]
     fits = [p for p in predicted if _fits(p, limits, cal)]
     if not fits:
-        raise UserError(_nothing_fits(predicted, limits, work, cal))
-    # equal speed: T5's fidelity (bf16 on the card, then streamed from host memory, then quantised: RAM that
+        raise UserError(nothing_fits(predicted, limits, work, cal))
+    # fp8 host copies of swapped blocks quantise the frozen base: only when no plan with bf16 copies fits.
+    # Equal speed: T5's fidelity (bf16 on the card, then streamed from host memory, then quantised: RAM that
     # fits the budget is worth more than embeddings), then the plan lighter on host memory, then on the GPU
-    return min(fits, key=lambda p: (p.predicted_s_per_step, T5_ORDER.index(p.t5), round(p.host_peak, 1), p.peak,
-                                    -p.text_batch, p.vae_tiling))  # fmt: skip
-
-
-def _nothing_fits(predicted: list[Plan], limits: Limits, work: Workload, cal: dict[str, Any]) -> str:
-    gpu_ok = [p for p in predicted if p.peak <= p.allocator_cap_gib * cal["safety"]]
-    if gpu_ok and limits.ram_gib is not None:
-        least = min(gpu_ok, key=lambda p: p.host_peak)
-        return (
-            f"--max_ram {limits.ram_gib:g} GiB is below what the plans that fit --max_vram {limits.vram_gib:g} "
-            f"need in host memory (at least {least.host_peak:.2f} GiB predicted); raise --max_ram, free memory, "
-            "or raise --max_vram so less is kept in host memory"
-        )
-    smallest = min(predicted, key=lambda p: p.peak + (limits.vram_gib - p.allocator_cap_gib))
-    need = smallest.peak / cal["safety"] + (limits.vram_gib - smallest.allocator_cap_gib)
-    return (
-        f"--max_vram {limits.vram_gib:g} GiB is below what this model needs at resolution {work.resolution} "
-        f"(at least {need:.2f} GiB predicted for the whole process with the settings given); raise "
-        "--max_vram, lower --resolution or --train_batch_size, or leave the memory settings to the planner"
-    )
+    return min(fits, key=lambda p: (p.swap_dtype == "fp8", p.predicted_s_per_step, T5_ORDER.index(p.t5),
+                                    round(p.host_peak, 1), p.peak, -p.text_batch, p.vae_tiling))  # fmt: skip
