@@ -244,3 +244,7 @@ def test_stages_record_host_memory_on_the_cpu(tiny_model, tmp_path):
     stages = json.loads((tmp_path / "out" / "stages.json").read_text())
     training = next(s for s in stages if s["stage"] == "training")
     assert 0.1 < training["peak_host_rss_gib"] < 64
+    # beside the total: what it was made of (/proc's RssAnon + RssFile + RssShmem = VmRSS, at the peak's sample)
+    parts = training["peak_host_rss_parts_gib"]
+    assert set(parts) == {"anon", "file", "shmem"} and parts["anon"] > 0.05
+    assert sum(parts.values()) == pytest.approx(training["peak_host_rss_gib"], abs=0.01)

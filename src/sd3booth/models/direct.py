@@ -37,6 +37,10 @@ def empty_model(cls: Any, folder: Path) -> nn.Module:
             model = cls.from_config(cls.load_config(folder))
         else:  # transformers
             model = cls(cls.config_class.from_pretrained(folder))
+    if hasattr(model, "register_to_config"):  # as from_pretrained records where the weights came from
+        model.register_to_config(_name_or_path=str(folder))
+    else:
+        model.name_or_path = str(folder)
     return model
 
 

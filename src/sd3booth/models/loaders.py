@@ -90,7 +90,10 @@ def load_transformer(src: ModelSource, place: Placement) -> Any:
     """The frozen transformer in the plan's storage: bf16/fp32 on the device, or NF4 via bitsandbytes.
 
     fp8 storage is applied later by :func:`apply_fp8_storage`, after the LoRA is added, so the adapter's
-    own weights are never cast. Blocks to be swapped stay on the host, so they never touch the GPU.
+    own weights are never cast. Weights are read from the safetensors files through one staging buffer
+    (:mod:`sd3booth.models.direct`), never mapped; the frozen Linear weights of blocks to be swapped are read
+    straight into the swapper's exact-size pinned packs (``model.swap_packs``, taken by
+    :func:`attach_memory_savers`), so they never touch the GPU and the model is never copied whole to the host.
     """
     from diffusers import SD3Transformer2DModel
 
@@ -167,6 +170,7 @@ def attach_memory_savers(model: Any, place: Placement) -> Any:
         swapped = range(min(place.memory.swap_blocks, len(blocks)))
         swapper = BlockSwapper(blocks, swapped, place.device, packs=packs, fp8=place.memory.swap_dtype == "fp8")
         model.to(place.device)  # what stays resident in swapped blocks (LoRA, norms) joins the rest on the GPU
+        _return_host_memory()  # host copies the swapper replaced (packed from loaded weights, or LoRA moved over)
         return swapper
     return None
 
