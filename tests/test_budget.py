@@ -239,6 +239,18 @@ def loop_message(stage, place):
     return out_of_memory_message(stage, place, explicit=True)
 
 
+def test_host_rss_is_sampled_from_outside_with_its_parts():
+    """The bench's budget rows: a child's resident set and what it is made of (anon: its heap)."""
+    import sys
+
+    from sd3booth.bench.budgets import run_sampled
+
+    code = "import time; b = b'x' * (300 * 2**20); time.sleep(0.8)"
+    r, _gpu, host, parts = run_sampled([sys.executable, "-c", code], interval=0.05)
+    assert r.returncode == 0 and host > 0.29
+    assert parts["anon"] > 0.28 and sum(parts.values()) == pytest.approx(host, abs=0.01)
+
+
 def test_stages_record_host_memory_on_the_cpu(tiny_model, tmp_path):
     assert main(_run_args(tiny_model, tmp_path, "--max_train_steps", "1")) == 0
     stages = json.loads((tmp_path / "out" / "stages.json").read_text())

@@ -176,7 +176,7 @@ def _pack_block(model: nn.Module, i: int, reader: Reader, dtype: torch.dtype, de
             prepared[name] = flat.view(slot)
         else:
             assert flat.scales is not None
-            reader.read_fp8_rows(name, flat.view(slot), flat.scales[slot.row : slot.row + shape[0]])
+            reader.read_fp8_rows(name, flat.view(slot), flat.scales[slot.row : slot.row + shape[0]], device)
             prepared[name] = torch.zeros((), dtype=dtype, device=device).expand(shape)
     guard = block.register_forward_pre_hook(functools.partial(_not_swapped_yet, i)) if fp8 else None
     return BlockPack(flats, guard)

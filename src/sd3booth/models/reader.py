@@ -152,16 +152,19 @@ class Reader:
         for first, chunk in self._chunks(name, 1):
             flat[first : first + chunk.numel()].copy_(chunk)  # synchronous: the staging buffer is reused next
 
-    def read_fp8_rows(self, name: str, q: torch.Tensor, scales: torch.Tensor) -> None:
+    def read_fp8_rows(
+        self, name: str, q: torch.Tensor, scales: torch.Tensor, device: torch.device | None = None
+    ) -> None:
         """Quantises 2-D tensor ``name`` into ``q`` (e4m3, its shape) and ``scales`` (one per row), whole rows
-        through the staging buffer (:mod:`sd3booth.models.fp8_rows`)."""
+        through the staging buffer (:mod:`sd3booth.models.fp8_rows`), the arithmetic on ``device`` (the GPU:
+        seconds for SD3.5 Large's swapped blocks, where the CPU takes minutes)."""
         path, t = self.table.where[name]
         rows, cols = t.shape
         if tuple(q.shape) != (rows, cols):
             raise UserError(f"{path}: tensor {name} has shape {list(t.shape)}, the model expects {list(q.shape)}")
         for first, chunk in self._chunks(name, cols):
             a, b = first // cols, (first + chunk.numel()) // cols
-            w = chunk.view(b - a, cols)
+            w = chunk.view(b - a, cols).to(device or chunk.device)  # synchronous: the staging buffer is reused
             s = fp8_rows.row_scales(w)
             scales[a:b].copy_(s)
             q[a:b].copy_(fp8_rows.quantize_rows(w, s))

@@ -29,7 +29,7 @@ T5_PREFERENCE = ("bf16", "stream", "cpu", "int8", "nf4")
 # "none" (no T5 at all, zero embeddings as the reference pipeline does) is never chosen, only honoured.
 SWAP_FP8_REASON = (
     "fp8 (e4m3, a power-of-two scale per row, upcast on the GPU): the frozen base of the swapped blocks is "
-    "quantised (about 2% relative error per weight) to halve their host RAM and copy time; chosen only when "
+    "quantised (about 3% RMS error per weight) to halve their host RAM and copy time; chosen only when "
     "bf16 copies do not fit --max_ram, or asked for with --swap_dtype fp8"
 )
 T5_ORDER = (*T5_PREFERENCE, "none")
