@@ -39,7 +39,11 @@ def _unregister(ptr: int, nbytes: int) -> None:
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     """A uint8 CPU tensor of exactly ``nbytes`` (page-aligned, zero-filled on first touch), page-locked when
     ``pin`` (a CUDA run). Views of it keep it alive; the registration ends when the last one is freed."""
-    region = mmap.mmap(-1, max(1, nbytes))
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no anonymous private mappings (and no pinning here)
+        return torch.zeros(nbytes, dtype=torch.uint8)
+    # private (counted as the process's anon memory; Python's default for -1 is a shared, shmem-backed mapping)
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", getattr(mmap, "MAP_ANON", 0))
+    region = mmap.mmap(-1, max(1, nbytes), flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     tensor = torch.frombuffer(region, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
     if pin and nbytes:
         ptr = tensor.data_ptr()
