@@ -14,9 +14,9 @@ from sd3booth.config import DEFAULT_LORA_LAYERS
 from sd3booth.data.dataset import write_demo_like_dataset
 from sd3booth.errors import UserError
 from sd3booth.models.placement import DeviceInfo, decide
-from sd3booth.plan.budget import Limits, allocator_cap, host_stages, process_overhead
+from sd3booth.plan.budget import STAGING_BYTES, Limits, allocator_cap, host_stages, process_overhead
 from sd3booth.plan.calibration import load_calibration
-from sd3booth.plan.choose import Plan, Workload, choose
+from sd3booth.plan.choose import Plan, Workload, choose, predict
 from sd3booth.plan.sizes import ModelSizes
 from sd3booth.train.guard import StepGuard
 
@@ -69,19 +69,27 @@ def test_a_bigger_overhead_gives_a_more_frugal_plan(cal):
 def test_host_stages_count_what_stays_in_host_memory(cal):
     resident = host_stages(Plan(t5="bf16"), SD3M, 77, True, cal)
     streamed = host_stages(Plan(t5="stream"), SD3M, 77, True, cal)
-    # a streamed T5 keeps its bf16 weights (9.5 GB) in host memory all run; a resident one maps its files while
-    # loading: the same moment's cost, then nothing
-    assert streamed["T5"] == pytest.approx(resident["T5"] + 0.04, abs=0.1)
+    int8 = host_stages(Plan(t5="int8"), SD3M, 77, True, cal)
     h = cal["host"]
     base = h["process_gib"] + h["cuda_libs_gib"]
-    assert resident["training"] == pytest.approx(base + 4_170_000_000 / GIB, abs=0.01)  # the mapped file
+    staging = STAGING_BYTES / GIB
+    # a streamed T5 keeps its bf16 weights (9.5 GB) in host memory all run; a resident one is read through the
+    # staging buffer (models.reader), never mapped; bitsandbytes' int8 path still maps its files while loading
+    assert resident["T5"] == pytest.approx(base + staging, abs=0.01)
+    assert streamed["T5"] == pytest.approx(base + 4_760_000_000 * 2 / GIB + 77 * h["t5_act_per_token_gib"], abs=0.01)
+    assert int8["T5"] == pytest.approx(base + 9_520_000_000 / GIB, abs=0.01)
+    assert resident["CLIP-G"] == pytest.approx(base + staging, abs=0.01)  # its 1.39 GB file is not mapped either
+    assert resident["training"] == pytest.approx(base + h["training_extra_gib"], abs=0.01)
     swapped = host_stages(Plan(checkpoint_blocks=N, swap_blocks=N), SD3M, 77, True, cal)
-    pinned = N * SD3M.block_params * 2 / GIB  # every block's frozen weights, pinned
-    loading = 4_170_000_000 / GIB + pinned  # the whole transformer, then the pinned copies of its blocks
-    assert swapped["training"] == pytest.approx(base + max(loading, pinned + h["training_extra_gib"]), abs=0.01)
-    small_file = dataclasses.replace(SD3M, file_bytes={"transformer": 100_000_000})  # loading costs little
-    eager = host_stages(Plan(checkpoint_blocks=N, swap_blocks=N), small_file, 77, True, cal)
-    compiled = host_stages(Plan(checkpoint_blocks=N, swap_blocks=N, compiled=True), small_file, 77, True, cal)
+    pinned = N * SD3M.block_params * 2 / GIB  # every block's frozen weights, exact bytes (no power-of-two rounding)
+    # the swapped blocks are read from the file straight into their pinned copies: pinned + staging, not file + pinned
+    assert swapped["training"] == pytest.approx(base + pinned + max(staging, h["training_extra_gib"]), abs=0.01)
+    fp8 = host_stages(Plan(checkpoint_blocks=N, swap_blocks=N, swap_dtype="fp8"), SD3M, 77, True, cal)
+    assert fp8["training"] - base == pytest.approx((swapped["training"] - base) - pinned / 2, abs=0.01)  # half
+    nf4 = host_stages(Plan(base="nf4", checkpoint_blocks=N), SD3M, 77, True, cal)  # bitsandbytes maps the file
+    assert nf4["training"] == pytest.approx(base + 4_170_000_000 / GIB, abs=0.01)
+    eager = host_stages(Plan(checkpoint_blocks=N, swap_blocks=N), SD3M, 77, True, cal)
+    compiled = host_stages(Plan(checkpoint_blocks=N, swap_blocks=N, compiled=True), SD3M, 77, True, cal)
     workers = h["compile_worker_gib"] * h["compile_workers"]
     assert compiled["training"] - eager["training"] == pytest.approx(workers, abs=0.01)
 
@@ -99,6 +107,31 @@ def test_ram_budget_steers_the_plan_and_names_itself_when_too_small(cal):
     # on a 3 GiB card only a streamed or CPU T5 fits, both of which need its 9 GB in host memory
     with pytest.raises(UserError, match=r"--max_ram 8 GiB is below .* host memory"):
         choose(SD3M, work(), Limits(3.0, ram_gib=8.0), cal)
+
+
+def test_fp8_host_copies_only_when_bf16_copies_do_not_fit_the_ram(cal):
+    fixed = {"t5": "none", "base": "bf16", "swap_blocks": N, "checkpoint_blocks": N, "compiled": False}
+    roomy = choose(SD3M, work(), Limits(80.0, ram_gib=64.0), cal, fixed)
+    assert roomy.swap_dtype == "bf16" and "quantised" not in roomy.describe()
+    fp8 = predict(dataclasses.replace(roomy, swap_dtype="fp8"), SD3M, work(), cal)
+    pinned = N * SD3M.block_params * 2 / GIB
+    assert fp8.host_peak == pytest.approx(roomy.host_peak - pinned / 2, abs=0.01)
+    assert fp8.predicted["training"] > roomy.predicted["training"]  # the e4m3 staging buffer on the card
+    tight = choose(SD3M, work(), Limits(80.0, ram_gib=roomy.host_peak - 0.5), cal, fixed)
+    assert tight.swap_dtype == "fp8" and tight.host_peak <= roomy.host_peak - 0.5
+    assert "frozen base of the swapped blocks is quantised" in tight.describe()
+    asked = choose(SD3M, work(), Limits(80.0, ram_gib=64.0), cal, {**fixed, "swap_dtype": "fp8"})
+    assert asked.swap_dtype == "fp8"
+    # the planner's own choice: with RAM to spare no plan quantises the swapped blocks' copies
+    assert choose(SD3M, work(), Limits(3.0, ram_gib=64.0), cal).swap_dtype == "bf16"
+    with pytest.raises(UserError, match="--swap_dtype fp8 quantises a bf16 base"):
+        choose(
+            SD3M,
+            work(),
+            Limits(80.0),
+            cal,
+            {"base": "fp8", "swap_dtype": "fp8", "swap_blocks": 2, "checkpoint_blocks": N},
+        )
 
 
 def test_t4_profile_fits_sd3_medium_at_1024(cal):
@@ -209,8 +242,24 @@ def loop_message(stage, place):
     return out_of_memory_message(stage, place, explicit=True)
 
 
+def test_host_rss_is_sampled_from_outside_with_its_parts():
+    """The bench's budget rows: a child's resident set and what it is made of (anon: its heap)."""
+    import sys
+
+    from sd3booth.bench.budgets import run_sampled
+
+    code = "import time; b = b'x' * (300 * 2**20); time.sleep(0.8)"
+    r, _gpu, host, parts = run_sampled([sys.executable, "-c", code], interval=0.05)
+    assert r.returncode == 0 and host > 0.29
+    assert parts["anon"] > 0.28 and sum(parts.values()) == pytest.approx(host, abs=0.01)
+
+
 def test_stages_record_host_memory_on_the_cpu(tiny_model, tmp_path):
     assert main(_run_args(tiny_model, tmp_path, "--max_train_steps", "1")) == 0
     stages = json.loads((tmp_path / "out" / "stages.json").read_text())
     training = next(s for s in stages if s["stage"] == "training")
     assert 0.1 < training["peak_host_rss_gib"] < 64
+    # beside the total: what it was made of (/proc's RssAnon + RssFile + RssShmem = VmRSS, at the peak's sample)
+    parts = training["peak_host_rss_parts_gib"]
+    assert set(parts) == {"anon", "file", "shmem"} and parts["anon"] > 0.05
+    assert sum(parts.values()) == pytest.approx(training["peak_host_rss_gib"], abs=0.01)

@@ -311,6 +311,10 @@ RULES = [
             ({"checkpoint_blocks": -1}, "--checkpoint_blocks must be 0 or more"),
             ({"base_precision": "nf4", "blocks_to_swap": 2}, "--blocks_to_swap cannot move NF4 weights"),
             ({"base_precision": "fp4"}, "--base_precision"),
+            ({"swap_dtype": "fp8", "base_precision": "fp8"}, "--swap_dtype fp8 quantises a bf16 base's swapped"),
+            ({"swap_dtype": "fp8", "blocks_to_swap": 0}, "--swap_dtype fp8 applies to swapped blocks"),
+            ({"swap_dtype": "fp8", "lora_type": "dora"}, "--lora_type dora reads the base weights when it is added"),
+            ({"swap_dtype": "int8"}, "--swap_dtype"),
         )
     ],
     ({"with_prior_preservation": True, "class_prompt": "a dog"}, "needs --class_data_dir"),

@@ -152,7 +152,7 @@ def test_plan_module_imports_without_torch():
 
 SETTINGS = PLAN_SETTINGS
 assert SETTINGS == ("base", "checkpoint_blocks", "swap_blocks", "activation_offload", "t5", "text_batch",
-                    "vae_tiling", "compiled", "cuda_graphs")  # fmt: skip
+                    "vae_tiling", "compiled", "cuda_graphs", "swap_dtype")  # fmt: skip
 
 
 def _settings(p: Plan) -> tuple:
@@ -169,6 +169,7 @@ def _obeys_rules(p: Plan, n: int) -> bool:
         and 0 <= k <= n
         and 0 <= s <= n
         and p.compiled == (p.base == "bf16" and not p.activation_offload)  # unless --compile was given
+        and (p.swap_dtype == "bf16" or (p.base == "bf16" and s > 0))  # fp8 host copies: of a bf16 base's swaps
     )
 
 
@@ -193,6 +194,9 @@ def test_candidates_obey_rules_and_cover_the_grid():
     assert {p.t5 for p in plans} == {"bf16", "int8", "nf4", "stream", "cpu"}
     assert {p.base for p in plans if p.base != "bf16" and p.checkpoint_blocks < N} == {"nf4"}
     assert any(p.base == "fp8" and p.swap_blocks == N for p in plans)
+    # fp8 host copies are a candidate for every bf16 plan that swaps, and only those
+    fp8 = {_settings(dataclasses.replace(p, swap_dtype="bf16")) for p in plans if p.swap_dtype == "fp8"}
+    assert fp8 == {_settings(p) for p in plans if p.base == "bf16" and p.swap_blocks and p.swap_dtype == "bf16"}
 
 
 @pytest.mark.parametrize(

@@ -133,7 +133,8 @@ def test_stage_table_sets_measured_memory_beside_the_plans_prediction(tmp_path):
         {"stage": "text encoder T5 (bf16)", "seconds": 3.0, "peak_allocated_gib": 9.1, "peak_reserved_gib": 9.5,
          "peak_process_gpu_gib": 10.0, "peak_host_rss_gib": 4.0, "allocated_after_gib": 0.1},
         {"stage": "validation step 20", "seconds": 2.0, "peak_allocated_gib": 5.0, "peak_host_rss_gib": 3.0},
-        {"stage": "load transformer", "seconds": 1.0, "peak_allocated_gib": 4.0, "peak_host_rss_gib": 2.5},
+        {"stage": "load transformer", "seconds": 1.0, "peak_allocated_gib": 4.0, "peak_host_rss_gib": 2.5,
+         "peak_host_rss_parts_gib": {"anon": 2.0, "file": 0.45, "shmem": 0.05}},
     ]  # fmt: skip
     (tmp_path / "stages.json").write_text(json.dumps(stages))
     plan = {"budget_gib": 14.0, "t5": "bf16", "predicted": {"T5": 9.0, "validation": 5.5},
@@ -142,11 +143,13 @@ def test_stage_table_sets_measured_memory_beside_the_plans_prediction(tmp_path):
     html = page.stages_html(read.read_run(tmp_path))
     head = re.findall(r"<th>([^<]*)</th>", html)
     assert head == ["stage", "seconds", "GPU peak allocated GiB", "GPU peak reserved GiB", "GPU whole process GiB",
-                    "GPU allocated after GiB", "host RSS peak GiB", "plan: GPU GiB", "plan: host GiB"]  # fmt: skip
+                    "GPU allocated after GiB", "host RSS peak GiB", "host RSS at its peak: anon / file / shmem GiB",
+                    "plan: GPU GiB", "plan: host GiB"]  # fmt: skip
     rows = re.findall(r"<tr><td>([^<]*)</td>(.*?)</tr>", html)
     cells = {name: re.findall(r">([^<]*)</td>", rest) for name, rest in rows}
     assert cells["text encoder T5 (bf16)"][-2:] == ["9", "4.5"]
     assert cells["validation step 20"][-2:] == ["5.5", "–"] and cells["load transformer"][-2:] == ["–", "–"]
+    assert cells["load transformer"][-3] == "2.00 / 0.45 / 0.05"  # what the host peak was made of
     assert 'id="memory-chart"' in html and html.count("<svg") == 1
     (tmp_path / "plan.json").write_text(json.dumps({**plan, "budget_gib": 0.0}))  # a CPU run: no predictions
     assert "plan:" not in page.stages_html(read.read_run(tmp_path))

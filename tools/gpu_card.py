@@ -29,9 +29,9 @@ def one(arch: str, model: Path, out: Path, spec: str, resolution: int = 1024) ->
     run = out / name
     b = None if budget == "default" else float(budget)
     cmd = budget_command(model, photos, run, resolution, int(steps), "adamw", b) + flags
-    r, gpu, host = run_sampled(cmd)
+    r, gpu, host, parts = run_sampled(cmd)
     row = {"name": name, "arch": arch, "budget_gib": b, "flags": flags, "steps": int(steps), "rc": r.returncode,
-           "process_gpu_gib": gpu, "host_rss_gib": host}  # fmt: skip
+           "process_gpu_gib": gpu, "host_rss_gib": host, "host_rss_parts_gib": parts}  # fmt: skip
     if r.returncode == 0:
         row.update(read_run(run, 5 if int(steps) >= 15 else 1))
         losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -31,10 +31,11 @@ class Stages:
         self.records: list[dict[str, Any]] = []
         self.names: list[str] = []  # the stages open now, outermost first
         self.failed_in: str | None = None  # the innermost stage an exception left (an OOM names it)
-        self._open: list[list[float]] = []  # per open stage: the peaks of KEYS seen so far
+        self._open: list[tuple[list[float], dict]] = []  # per open stage: the peaks of KEYS so far, host RSS parts
         self.sampler = MemorySampler(device) if sample_memory else None
 
-    def _peaks_and_reset(self) -> list[float]:
+    def _peaks_and_reset(self) -> tuple[list[float], dict[str, float]]:
+        """The peaks of KEYS since the last call, and the host RSS parts (anon/file/shmem) at the host peak."""
         cuda = self.device.type == "cuda"
         out = [0.0, 0.0]
         if cuda:
@@ -44,8 +45,14 @@ class Stages:
                 torch.cuda.max_memory_reserved(self.device) / 2**30,
             ]
             torch.cuda.reset_peak_memory_stats(self.device)
-        out += list(self.sampler.reset()) if self.sampler else [0.0, 0.0]
-        return out
+        gpu, host, parts = self.sampler.reset() if self.sampler else (0.0, 0.0, {})
+        return [*out, gpu, host], parts
+
+    @staticmethod
+    def _merge(a: tuple[list[float], dict], b: tuple[list[float], dict]) -> tuple[list[float], dict]:
+        """Peaks of two intervals: the larger of each; the parts of the one whose host peak was larger."""
+        parts = b[1] if b[0][3] >= a[0][3] else a[1]
+        return [max(x, y) for x, y in zip(a[0], b[0])], parts
 
     @property
     def current(self) -> str | None:
@@ -55,8 +62,8 @@ class Stages:
     def stage(self, name: str) -> Iterator[None]:
         peaks = self._peaks_and_reset()
         if self._open:
-            self._open[-1] = [max(a, b) for a, b in zip(self._open[-1], peaks)]
-        self._open.append([0.0] * len(self.KEYS))
+            self._open[-1] = self._merge(self._open[-1], peaks)
+        self._open.append(([0.0] * len(self.KEYS), {}))
         self.names.append(name)
         t0 = time.perf_counter()
         try:
@@ -65,16 +72,18 @@ class Stages:
             self.failed_in = self.failed_in or name
             raise
         finally:
-            carried = [max(a, b) for a, b in zip(self._open.pop(), self._peaks_and_reset())]
+            carried = self._merge(self._open.pop(), self._peaks_and_reset())
             self.names.pop()
             rec: dict[str, Any] = {"stage": name, "seconds": round(time.perf_counter() - t0, 3)}
-            for key, value in zip(self.KEYS, carried):
+            for key, value in zip(self.KEYS, carried[0]):
                 if value or key == "peak_host_rss_gib":
                     rec[key] = round(value, 3)
+            if carried[1]:  # what the host peak was made of (anon: heap and pinned buffers; file: mapped files)
+                rec["peak_host_rss_parts_gib"] = carried[1]
             if self.device.type == "cuda":
                 rec["allocated_after_gib"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 3)
             if self._open:  # the outer stage's peak includes this one
-                self._open[-1] = [max(a, b) for a, b in zip(self._open[-1], carried)]
+                self._open[-1] = self._merge(self._open[-1], carried)
             self.records.append(rec)
 
     def close(self) -> None:

@@ -75,6 +75,7 @@ def read_run(run: Path, log_every: int) -> dict[str, Any]:
         row["first_step_s"] = round(metrics[0]["s_per_step"], 2)
     row["stages_process_gpu"] = {s["stage"]: s.get("peak_process_gpu_gib") for s in stages}
     row["stages_host_rss"] = {s["stage"]: s.get("peak_host_rss_gib") for s in stages}
+    row["stages_host_rss_parts"] = {s["stage"]: s.get("peak_host_rss_parts_gib") for s in stages}
     row["plan"] = {k: plan[k] for k in PLAN_SETTINGS}
     row["predicted_s_per_step"] = plan["predicted_s_per_step"]
     row["predicted_peak_gib"] = max(plan["predicted"].values())
@@ -89,26 +90,30 @@ def read_run(run: Path, log_every: int) -> dict[str, Any]:
 
 def run_sampled(
     cmd: list[str], interval: float = 0.1, env: dict[str, str] | None = None
-) -> tuple[subprocess.CompletedProcess, float, float]:
+) -> tuple[subprocess.CompletedProcess, float, float, dict[str, float]]:
     """Runs ``cmd`` (with ``env`` added to this process's environment) while sampling, from outside, its process
-    tree's GPU memory (NVML, as nvidia-smi shows it) and host RSS every ``interval`` s; returns (result, peak
-    GPU GiB, peak host GiB)."""
+    tree's GPU memory (NVML, as nvidia-smi shows it) and host RSS every ``interval`` s; returns (result, peak GPU
+    GiB, peak host GiB, the host RSS parts at that peak: anon / file / shmem GiB, see
+    ``models.memory.host_rss_breakdown``)."""
     import os
 
-    from sd3booth.models.memory import host_rss_gib, process_gpu_gib
+    from sd3booth.models.memory import host_rss_breakdown, process_gpu_gib
 
     environ = {**os.environ, **env} if env else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
     peak_gpu = peak_host = 0.0
+    peak_parts: dict[str, float] = {}
     import threading
 
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak_gpu, peak_host
+        nonlocal peak_gpu, peak_host, peak_parts
         while not done.wait(interval):
             try:
-                peak_host = max(peak_host, host_rss_gib(proc.pid))
+                host, parts = host_rss_breakdown(proc.pid)
+                if host >= peak_host:
+                    peak_host, peak_parts = host, parts
                 peak_gpu = max(peak_gpu, process_gpu_gib(0, proc.pid) or 0.0)
             except Exception:  # noqa: BLE001 - the process may end between two samples
                 pass
@@ -118,7 +123,8 @@ def run_sampled(
     out, err = proc.communicate()
     done.set()
     thread.join()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), round(peak_gpu, 3), round(peak_host, 3)
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return result, round(peak_gpu, 3), round(peak_host, 3), peak_parts
 
 
 def bench_budgets(
@@ -142,10 +148,10 @@ def bench_budgets(
         run = out / (f"budget-{budget:g}" if budget else "default")
         t0 = time.perf_counter()
         cmd = budget_command(model_dir, photos, run, resolution, steps, optimizer, budget)
-        r, gpu, host = run_sampled(cmd)
+        r, gpu, host, parts = run_sampled(cmd)
         row: dict[str, Any] = {"arch": arch, "budget_gib": budget, "optimizer": optimizer, "resolution": resolution,
                                "rc": r.returncode, "wall_s": round(time.perf_counter() - t0, 1),
-                               "process_gpu_gib": gpu, "host_rss_gib": host}  # fmt: skip
+                               "process_gpu_gib": gpu, "host_rss_gib": host, "host_rss_parts_gib": parts}  # fmt: skip
         if r.returncode == 0:
             row.update(read_run(run, 5 if steps >= 15 else 1))
         else:

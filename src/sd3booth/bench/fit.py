@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sd3booth.plan.budget import swapped_host_gib
 from sd3booth.plan.calibration import arrange, dumps, flat_keys, packaged_calibration_path, template
 from sd3booth.plan.sizes import ModelSizes
 
@@ -263,7 +264,8 @@ def fit_process_host(cal: dict[str, Any], run: dict[str, Any], name: str) -> dic
     for r in rows:
         measured = (r.get("stages_host_rss") or {}).get("training")
         if measured:
-            swapped = r["plan"]["swap_blocks"] * sizes.block_params * cal["bytes_per_param"][r["plan"]["base"]] / GIB
+            p = r["plan"]
+            swapped = swapped_host_gib(p["swap_blocks"], p["base"], p.get("swap_dtype", "bf16"), sizes, cal)
             workers = h["compile_worker_gib"] * h["compile_workers"] if r["plan"].get("compiled") else 0.0
             libs.append(measured - h["process_gib"] - swapped - workers - h["training_extra_gib"])
     h["cuda_libs_gib"] = round(statistics.median(libs), 3) if libs else h["cuda_libs_gib"]

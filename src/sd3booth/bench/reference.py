@@ -121,7 +121,7 @@ def run_reference(
     cmd = reference_command(script, model_dir, image_folder(photos, run.parent / "photos-only"), run, resolution,
                             steps, prompt, validate)  # fmt: skip
     t0 = time.perf_counter()
-    result, gpu, host = run_sampled(cmd)
+    result, gpu, host, _parts = run_sampled(cmd)
     wall = round(time.perf_counter() - t0, 1)
     if result.returncode != 0:
         raise UserError(f"the reference script failed (exit {result.returncode}): {failure_line(result.stderr)}")

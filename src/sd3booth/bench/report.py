@@ -47,7 +47,9 @@ def _calibrate(cal: dict[str, Any]) -> list[str]:
 
 def _plan(p: dict[str, Any]) -> str:
     return (
-        f"{p['base']}, ckpt {p['checkpoint_blocks']}, swap {p['swap_blocks']}, T5 {p['t5']}"
+        f"{p['base']}, ckpt {p['checkpoint_blocks']}, swap {p['swap_blocks']}"
+        + (" (fp8 host copies)" if p.get("swap_dtype") == "fp8" and p["swap_blocks"] else "")
+        + f", T5 {p['t5']}"
         + (", act. offload" if p["activation_offload"] else "")
         + (", VAE tiled" if p["vae_tiling"] else "")
         + (", compiled" if p.get("compiled") else "")

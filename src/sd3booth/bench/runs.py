@@ -63,7 +63,7 @@ def run_ours(
     """One ``sd3booth train`` run (torch AdamW, the script's optimizer), timed and sampled; its row."""
     cmd = budgets.budget_command(model_dir, photos, run, resolution, steps, "adamw", budget, extra)
     t0 = time.perf_counter()
-    r, gpu, host = budgets.run_sampled(cmd, env=env)
+    r, gpu, host, _parts = budgets.run_sampled(cmd, env=env)
     row = our_row(label, r, gpu, host, round(time.perf_counter() - t0, 1), run, steps)
     log(f"run {row}")
     return row

@@ -55,16 +55,7 @@ def validate(cfg: TrainConfig) -> None:
         bad("--checkpoints_total_limit must be at least 1")
     if cfg.num_cpu_threads is not None and cfg.num_cpu_threads < 1:
         bad(f"--num_cpu_threads must be at least 1, got {cfg.num_cpu_threads}")
-    if cfg.max_vram is not None and cfg.max_vram <= 0:
-        bad(f"--max_vram must be positive GiB, got {cfg.max_vram}")
-    if cfg.max_ram is not None and cfg.max_ram <= 0:
-        bad(f"--max_ram must be positive GiB, got {cfg.max_ram}")
-    if cfg.blocks_to_swap is not None and cfg.blocks_to_swap < 0:
-        bad("--blocks_to_swap must be 0 or more")
-    if cfg.checkpoint_blocks is not None and cfg.checkpoint_blocks < 0:
-        bad("--checkpoint_blocks must be 0 or more")
-    if cfg.base_precision == "nf4" and cfg.blocks_to_swap:
-        bad("--blocks_to_swap cannot move NF4 weights; use --base_precision bf16 or fp8 with block swap")
+    _check_memory(cfg, bad)
     for name in ("lr_warmup_steps", "max_grad_norm", "prior_loss_weight", "adam_weight_decay"):
         if getattr(cfg, name) < 0:
             bad(f"--{name} must not be negative, got {getattr(cfg, name)}")
@@ -121,6 +112,25 @@ def _check_data(cfg: TrainConfig, bad: Callable[[str], None]) -> None:
             bad(f"--{name} {value} must be a positive multiple of 16")
 
 
+def _check_memory(cfg: TrainConfig, bad: Callable[[str], None]) -> None:
+    """The memory budgets and the memory settings that fix part of the plan."""
+    if cfg.max_vram is not None and cfg.max_vram <= 0:
+        bad(f"--max_vram must be positive GiB, got {cfg.max_vram}")
+    if cfg.max_ram is not None and cfg.max_ram <= 0:
+        bad(f"--max_ram must be positive GiB, got {cfg.max_ram}")
+    if cfg.blocks_to_swap is not None and cfg.blocks_to_swap < 0:
+        bad("--blocks_to_swap must be 0 or more")
+    if cfg.checkpoint_blocks is not None and cfg.checkpoint_blocks < 0:
+        bad("--checkpoint_blocks must be 0 or more")
+    if cfg.base_precision == "nf4" and cfg.blocks_to_swap:
+        bad("--blocks_to_swap cannot move NF4 weights; use --base_precision bf16 or fp8 with block swap")
+    if cfg.swap_dtype == "fp8" and cfg.base_precision in ("fp8", "nf4"):
+        bad(f"--swap_dtype fp8 quantises a bf16 base's swapped blocks; --base_precision {cfg.base_precision} "
+            "already stores them quantised (leave --swap_dtype unset)")  # fmt: skip
+    if cfg.swap_dtype == "fp8" and cfg.blocks_to_swap == 0:
+        bad("--swap_dtype fp8 applies to swapped blocks, and --blocks_to_swap is 0")
+
+
 def _check_methods(cfg: TrainConfig, bad: Callable[[str], None]) -> None:
     """Adapter, optimizer, EMA, loss and prior-mode combinations (issue #12)."""
     if cfg.use_dora and cfg.lora_type not in ("lora", "dora"):
@@ -139,6 +149,8 @@ def _check_methods(cfg: TrainConfig, bad: Callable[[str], None]) -> None:
             "--base_precision bf16 (or auto) with it")  # fmt: skip
     if cfg.base_compute == "fp8" and cfg.blocks_to_swap:
         bad("--base_compute fp8 keeps every block on the GPU; drop --blocks_to_swap or use --base_compute bf16")
+    if kind == "dora" and cfg.swap_dtype == "fp8":
+        bad("--lora_type dora reads the base weights when it is added, before the fp8 swap copies exist; use bf16")
     if kind in ("loha", "lokr") and cfg.base_precision == "nf4":
         bad(f"--lora_type {kind} needs unquantised base weights; use --base_precision bf16 or fp8")
     # --text_encoder_lr alone is accepted as the diffusers script accepts it (config.compat notes it)

@@ -35,6 +35,7 @@ ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 T5_PRECISIONS = ("auto", "bf16", "int8", "nf4", "stream", "cpu", "none")
 BASE_PRECISIONS = ("auto", "bf16", "fp8", "nf4")
 BASE_COMPUTES = ("bf16", "fp8")
+SWAP_DTYPES = ("auto", "bf16", "fp8")
 REPORTERS = ("tensorboard", "wandb", "none")
 
 
@@ -103,6 +104,14 @@ class TrainConfig(SettingsViews):
         None,
         "Transformer blocks whose frozen weights live in pinned CPU memory and are streamed in ahead of use "
         "(default: the memory plan's choice).",
+        group="memory",
+    )
+    swap_dtype: str = _f(
+        "auto",
+        "Host copies of swapped blocks' frozen weights: bf16 (exact), or fp8 (e4m3 with a power-of-two scale per "
+        "row, upcast on the GPU after the copy: half the host RAM and PCIe traffic, but the frozen base of those "
+        "blocks is quantised); auto takes fp8 only when bf16 copies do not fit --max_ram.",
+        choices=SWAP_DTYPES,
         group="memory",
     )
     checkpoint_blocks: int | None = _f(

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from sd3booth.errors import UserError
+from sd3booth.models import direct
 from sd3booth.models.placement import Placement
 from sd3booth.models.source import ModelSource
 
@@ -32,11 +33,14 @@ def load_text_encoder(src: ModelSource, index: int, place: Placement) -> tuple[A
     _missing(src, f"text_encoder{sub}")
     tok = AutoTokenizer.from_pretrained(src.root / f"tokenizer{sub}", revision=src.revision)
     kw: dict[str, Any] = {"variant": src.variant} if src.variant else {}
+    folder = src.root / f"text_encoder{sub}"
     if index < 3:
-        # device_map: weights go from the safetensors file straight to the device, not through host memory
-        model = CLIPTextModelWithProjection.from_pretrained(
-            src.root / f"text_encoder{sub}", dtype=place.text_dtype, device_map={"": place.device}, **kw
-        )
+        # read from the file onto the device through one staging buffer: no mapped file in host memory
+        model = direct.load_model(CLIPTextModelWithProjection, folder, src.variant, place.text_dtype, place.device)
+        if model is None:  # no safetensors weights: the library's loader
+            model = CLIPTextModelWithProjection.from_pretrained(
+                folder, dtype=place.text_dtype, device_map={"": place.device}, **kw
+            )
     elif place.memory.t5 in ("int8", "nf4"):
         from transformers import BitsAndBytesConfig
 
@@ -47,7 +51,7 @@ def load_text_encoder(src: ModelSource, index: int, place: Placement) -> tuple[A
         )
         # bf16 where the card has it; in fp16 transformers keeps T5's FFN `wo` in fp32 (+2 GB), where T5 overflows
         model = T5EncoderModel.from_pretrained(
-            src.root / "text_encoder_3",
+            folder,
             dtype=place.t5_dtype,
             quantization_config=q,
             device_map={"": place.device},
@@ -57,12 +61,12 @@ def load_text_encoder(src: ModelSource, index: int, place: Placement) -> tuple[A
         from accelerate import cpu_offload
 
         # bf16 weights stay in CPU memory; accelerate's hooks copy each layer in just before it runs.
-        model = T5EncoderModel.from_pretrained(src.root / "text_encoder_3", dtype=place.t5_dtype, **kw)
+        model = T5EncoderModel.from_pretrained(folder, dtype=place.t5_dtype, **kw)
         cpu_offload(model, execution_device=place.device)
-    else:
-        model = T5EncoderModel.from_pretrained(
-            src.root / "text_encoder_3", dtype=place.t5_dtype, device_map={"": place.t5_device}, **kw
-        )
+    else:  # resident: read from the file onto its device (the 9.5 GB file was mapped into host RSS, issue #10)
+        model = direct.load_model(T5EncoderModel, folder, src.variant, place.t5_dtype, place.t5_device)
+        if model is None:
+            model = T5EncoderModel.from_pretrained(folder, dtype=place.t5_dtype, device_map={"": place.t5_device}, **kw)
     model.requires_grad_(False).eval()
     return tok, model
 
@@ -71,7 +75,9 @@ def load_vae(src: ModelSource, place: Placement) -> Any:
     from diffusers import AutoencoderKL
 
     kw: dict[str, Any] = {"variant": src.variant} if src.variant else {}
-    vae = AutoencoderKL.from_pretrained(src.root / "vae", torch_dtype=place.vae_dtype, **kw)
+    vae = direct.load_model(AutoencoderKL, src.root / "vae", src.variant, place.vae_dtype, place.device)
+    if vae is None:
+        vae = AutoencoderKL.from_pretrained(src.root / "vae", torch_dtype=place.vae_dtype, **kw)
     if place.memory.vae_tiling:
         # half-size tiles: the config's own tile size is the full 1024 training size, which tiles nothing
         vae.enable_tiling()
@@ -84,7 +90,10 @@ def load_transformer(src: ModelSource, place: Placement) -> Any:
     """The frozen transformer in the plan's storage: bf16/fp32 on the device, or NF4 via bitsandbytes.
 
     fp8 storage is applied later by :func:`apply_fp8_storage`, after the LoRA is added, so the adapter's
-    own weights are never cast. Blocks to be swapped stay on the host, so they never touch the GPU.
+    own weights are never cast. Weights are read from the safetensors files through one staging buffer
+    (:mod:`sd3booth.models.direct`), never mapped; the frozen Linear weights of blocks to be swapped are read
+    straight into the swapper's exact-size pinned packs (``model.swap_packs``, taken by
+    :func:`attach_memory_savers`), so they never touch the GPU and the model is never copied whole to the host.
     """
     from diffusers import SD3Transformer2DModel
 
@@ -101,15 +110,28 @@ def load_transformer(src: ModelSource, place: Placement) -> Any:
             **kw,
         )
         return model.requires_grad_(False)
-    if not place.memory.swap_blocks:  # straight from the safetensors file to the device, not via host memory
-        model = SD3Transformer2DModel.from_pretrained(
-            src.root / "transformer", torch_dtype=place.weight_dtype, device_map=str(place.device), **kw
-        )
+    folder, swap = src.root / "transformer", place.memory.swap_blocks
+    if not swap:  # straight from the file to the device, through one staging buffer
+        model = direct.load_model(SD3Transformer2DModel, folder, src.variant, place.weight_dtype, place.device)
+        if model is None:
+            model = SD3Transformer2DModel.from_pretrained(
+                folder, torch_dtype=place.weight_dtype, device_map=str(place.device), **kw
+            )
         return model.requires_grad_(False)
-    model = SD3Transformer2DModel.from_pretrained(src.root / "transformer", torch_dtype=place.weight_dtype, **kw)
+    # swapped blocks' frozen Linear weights straight from the file into the swapper's host packs, the rest to
+    # the device: never a full host copy of the model
+    fp8 = place.memory.swap_dtype == "fp8"
+    model = direct.load_swapped_transformer(
+        SD3Transformer2DModel, folder, src.variant, place.weight_dtype, place.device, range(swap), fp8
+    )
+    if model is not None:
+        return model.requires_grad_(False)
+    if fp8:
+        raise UserError(f"--swap_dtype fp8 needs safetensors weights; {folder} has none")
+    model = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=place.weight_dtype, **kw)
     model.requires_grad_(False)
     for i, block in enumerate(model.transformer_blocks):
-        if i >= place.memory.swap_blocks:
+        if i >= swap:
             block.to(place.device)
     for name, child in model.named_children():
         if name != "transformer_blocks":
@@ -151,8 +173,11 @@ def attach_memory_savers(model: Any, place: Placement) -> Any:
         chosen = range(min(place.memory.checkpoint_blocks, len(blocks)))
         model.enable_gradient_checkpointing(gradient_checkpointing_func=selective_checkpointing(chosen, blocks))
     if place.memory.swap_blocks:
-        swapper = BlockSwapper(blocks, range(min(place.memory.swap_blocks, len(blocks))), place.device)
+        packs = model.__dict__.pop("swap_packs", None)  # read from the file by load_transformer
+        swapped = range(min(place.memory.swap_blocks, len(blocks)))
+        swapper = BlockSwapper(blocks, swapped, place.device, packs=packs, fp8=place.memory.swap_dtype == "fp8")
         model.to(place.device)  # what stays resident in swapped blocks (LoRA, norms) joins the rest on the GPU
+        _return_host_memory()  # host copies the swapper replaced (packed from loaded weights, or LoRA moved over)
         return swapper
     return None
 

@@ -24,17 +24,50 @@ def process_tree_pids(pid: int | None = None) -> list[int]:
     return [root.pid, *(c.pid for c in root.children(recursive=True))]
 
 
-def host_rss_gib(pid: int | None = None) -> float:
-    """Resident set of the process and its children, GiB."""
+RSS_PARTS = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}  # /proc/PID/status: VmRSS is their sum
+
+
+def _status_kib(pid: int) -> dict[str, int]:
+    """VmRSS and its parts of one process from /proc, kiB ({} where /proc is not there: macOS, Windows)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key == "VmRSS" or key in RSS_PARTS:
+                    out[key] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def host_rss_breakdown(pid: int | None = None) -> tuple[float, dict[str, float]]:
+    """(resident set of the process and its children, GiB; its parts as the kernel counts them: ``anon``
+    (heap, pinned buffers), ``file`` (mapped files, shared libraries: a library mapped by several processes is
+    counted in each) and ``shmem``, GiB, summed over the tree; {} where /proc does not split it)."""
     import psutil
 
-    total = 0
+    total, parts = 0, dict.fromkeys(RSS_PARTS.values(), 0)
+    split = True
     for p in process_tree_pids(pid):
+        status = _status_kib(p)
+        if "VmRSS" in status and all(k in status for k in RSS_PARTS):
+            total += status["VmRSS"] * 1024
+            for key, name in RSS_PARTS.items():
+                parts[name] += status[key] * 1024
+            continue
+        split = False
         try:
             total += psutil.Process(p).memory_info().rss
         except psutil.Error:
             pass
-    return total / GIB
+    return total / GIB, ({k: round(v / GIB, 3) for k, v in parts.items()} if split else {})
+
+
+def host_rss_gib(pid: int | None = None) -> float:
+    """Resident set of the process and its children, GiB (the headline figure: what top and the issue's targets
+    count)."""
+    return host_rss_breakdown(pid)[0]
 
 
 def ram_available_gib() -> float:
@@ -176,25 +209,29 @@ class MemorySampler:
         self.cuda = device.type == "cuda"
         self.peak_gpu = 0.0
         self.peak_host = 0.0
+        self.peak_parts: dict[str, float] = {}  # the host RSS parts at the sample of the host peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="sd3booth-memory")
         self._thread.start()
 
     def _sample(self) -> None:
-        host = host_rss_gib()
+        host, parts = host_rss_breakdown()
         gpu = (process_gpu_gib(self.device.index or 0) or 0.0) if self.cuda else 0.0
-        self.peak_host = max(self.peak_host, host)
+        if host >= self.peak_host:
+            self.peak_host, self.peak_parts = host, parts
         self.peak_gpu = max(self.peak_gpu, gpu)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def reset(self) -> tuple[float, float]:
-        """(peak GPU GiB, peak host GiB) since the last reset, sampling once more first; then starts over."""
+    def reset(self) -> tuple[float, float, dict[str, float]]:
+        """(peak GPU GiB, peak host GiB, the host RSS parts at that peak) since the last reset, sampling once more
+        first; then starts over."""
         self._sample()
-        peaks = (self.peak_gpu, self.peak_host)
+        peaks = (self.peak_gpu, self.peak_host, self.peak_parts)
         self.peak_gpu = self.peak_host = 0.0
+        self.peak_parts = {}
         self._sample()
         return peaks
 

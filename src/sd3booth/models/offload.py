@@ -18,6 +18,10 @@ weights), allocated once and reused: allocating a fresh tensor per fetch on the 
 allocator's reserve grow to twice the live tensors (issue #10, SD3.5 Large at 6 GiB: 10.9 GiB reserved for
 5.3 allocated). Before a copy overwrites a buffer, the side stream waits for an event recorded on the compute
 stream when the buffer's previous block was released, so no kernel still reading it is overtaken.
+
+Host memory is one exact-size page-locked buffer per block and dtype (``models.host_packs``, ``models.pinned``;
+PyTorch's pinned allocator rounds each up to a power of two), filled by the loader straight from the weight
+file when it can (no full host copy of the model), and optionally fp8 rows upcast on the GPU after the copy.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sd3booth.models.host_packs import BlockPack, Flat, Slot, land, pack_params
+
 
 @dataclass
 class SwapStats:
@@ -39,47 +45,37 @@ class SwapStats:
 
 
 @dataclass
-class _Slot:
-    module: nn.Module
-    name: str
-    offset: int  # into its block's flat buffer of this dtype
-    shape: torch.Size
-
-
-@dataclass
-class _Flat:
-    """One block's frozen weights of one dtype, packed into a single pinned buffer: one copy per block
-    instead of one per tensor (about 28 for an SD3 block), which keeps the host work of a swap small."""
-
-    host: torch.Tensor
-    slots: list[_Slot]
-
-
-@dataclass
 class _Buffer:
-    """One ring entry: a device tensor per dtype, and the compute-stream event after which it is free."""
+    """One ring entry: a device tensor per host dtype (in the device dtype), and the compute-stream event after
+    which it is free."""
 
     tensors: dict[torch.dtype, torch.Tensor]
     free_after: torch.cuda.Event | None = None
 
 
 RING = 2  # buffers: the block running and the one being copied in
-ALIGN = 64  # elements: every view starts 128-byte aligned (bf16), as compiled kernels assume of their inputs
 
 
 class BlockSwapper:
-    """Streams the frozen Linear weights of ``swapped`` blocks between pinned host memory and ``device``."""
+    """Streams the frozen Linear weights of ``swapped`` blocks between pinned host memory and ``device``.
+
+    ``packs`` (block -> :class:`BlockPack`) are host packs the loader read straight from the weight file; a block
+    without one is packed from its loaded weights (a copy). ``fp8`` packs those as e4m3 rows (see
+    :mod:`sd3booth.models.fp8_rows`): the frozen base of the swapped blocks is then quantised.
+    """
 
     def __init__(self, blocks: Sequence[nn.Module], swapped: Iterable[int], device: torch.device | str,
-                 record_calls: bool = False) -> None:  # fmt: skip
+                 record_calls: bool = False, packs: dict[int, BlockPack] | None = None,
+                 fp8: bool = False) -> None:  # fmt: skip
         self.blocks = list(blocks)
         self.swapped = sorted(set(swapped))
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.slots: dict[int, list[_Flat]] = {}
+        self.slots: dict[int, list[Flat]] = {}
         self.ready: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         self.ring: list[_Buffer] = []  # the fixed device buffers the copies land in (built on first use)
+        self.stage: tuple[torch.Tensor, torch.Tensor] | None = None  # device e4m3 bytes and scales (fp8 packs)
         self.owner: dict[int, _Buffer] = {}  # block -> the buffer holding its weights (fetched or resident)
         self.stats = SwapStats()
         self.record_calls = record_calls
@@ -88,38 +84,43 @@ class BlockSwapper:
         self._next: int | None = None
         self.resident: set[int] = set()
         self._handles = []
+        self.from_file = 0  # blocks whose packs came from the loader (no copy made here)
         for i in self.swapped:
-            found: dict[torch.dtype, list[tuple[nn.Module, str, torch.Tensor]]] = {}
-            for mod in self.blocks[i].modules():
-                if not isinstance(mod, nn.Linear):
-                    continue
-                for name in ("weight", "bias"):
-                    p = getattr(mod, name, None)
-                    if p is None or p.requires_grad:
-                        continue  # trainable (LoRA) weights stay where the optimizer expects them
-                    if type(p) is not nn.Parameter:
-                        raise ValueError(f"block swap cannot move {type(p).__name__} weights (quantised base?)")
-                    found.setdefault(p.dtype, []).append((mod, name, p))
-            self.slots[i] = [self._pack(tensors) for tensors in found.values()]
-            for tensors in found.values():
-                for _mod, _name, p in tensors:
+            self.slots[i] = self._take(i, (packs or {}).get(i), fp8)
+            for f in self.slots[i]:
+                for s in f.slots:
+                    p = getattr(s.module, s.name)
                     p.data = self._placeholder(p)
             block = self.blocks[i]
             self._handles.append(block.register_forward_pre_hook(functools.partial(self._before, i)))
             self._handles.append(block.register_forward_hook(functools.partial(self._after, i)))
 
+    def _take(self, i: int, pack: BlockPack | None, fp8: bool) -> list[Flat]:
+        """Block i's packs: the loader's when the model still points where the loader left it, else new ones."""
+        if pack is not None:
+            if pack.guard is not None:
+                pack.guard.remove()
+            if all(_points_at(f, s) for f in pack.flats for s in f.slots):
+                self.from_file += 1
+                return pack.flats
+            if any(f.scales is not None for f in pack.flats):
+                raise RuntimeError(f"block {i}'s fp8-packed weights were replaced after loading; cannot swap them")
+        return pack_params(self.blocks[i], fp8, self.cuda)
+
     # ---- public -------------------------------------------------------------------------------------------
 
     def resident_bytes_saved(self) -> int:
-        return sum(f.host.numel() * f.host.element_size() for flats in self.slots.values() for f in flats)
+        return sum(f.nbytes for flats in self.slots.values() for f in flats)
 
     def remove(self) -> None:
-        """Puts every weight back on the device and removes the hooks."""
+        """Puts every weight back on the device (upcast, for fp8 packs) and removes the hooks."""
         for h in self._handles:
             h.remove()
         for flats in self.slots.values():
             for f in flats:
-                self._point(f, f.host.to(self.device), copy=True)
+                full = torch.empty(f.host.numel(), dtype=f.device_dtype, device=self.device)
+                land(f, full, self._stage_for() if self.cuda else None, non_blocking=False)
+                self._point(f, full, copy=True)
         self.slots.clear()
         self.resident.clear()
         self.ready.clear()
@@ -131,30 +132,30 @@ class BlockSwapper:
     def _placeholder(self, p: torch.Tensor) -> torch.Tensor:
         return torch.empty(0, dtype=p.dtype, device=self.device)
 
-    def _pack(self, tensors: list[tuple[nn.Module, str, torch.Tensor]]) -> _Flat:
-        slots, offset = [], 0
-        for mod, name, p in tensors:
-            slots.append(_Slot(mod, name, offset, p.shape))
-            offset += -(-p.numel() // ALIGN) * ALIGN
-        host = torch.zeros(offset, dtype=tensors[0][2].dtype, pin_memory=self.cuda)
-        for slot, (_mod, _name, p) in zip(slots, tensors):
-            host[slot.offset : slot.offset + p.numel()].copy_(p.detach().reshape(-1))
-        return _Flat(host, slots)
-
     @staticmethod
-    def _point(flat: _Flat, buffer: torch.Tensor, copy: bool = False) -> None:
+    def _point(flat: Flat, buffer: torch.Tensor, copy: bool = False) -> None:
         """Points each weight of ``flat`` at its view of ``buffer`` (its own copy when ``copy``)."""
         for s in flat.slots:
             view = buffer[s.offset : s.offset + s.shape.numel()].view(s.shape)
             getattr(s.module, s.name).data = view.clone() if copy else view
 
     def _build_ring(self, n: int) -> None:
-        sizes: dict[torch.dtype, int] = {}
+        sizes: dict[torch.dtype, tuple[torch.dtype, int]] = {}
         for flats in self.slots.values():
             for f in flats:
-                sizes[f.host.dtype] = max(sizes.get(f.host.dtype, 0), f.host.numel())
+                sizes[f.host.dtype] = (f.device_dtype, max(sizes.get(f.host.dtype, (None, 0))[1], f.host.numel()))
         while len(self.ring) < n:
-            self.ring.append(_Buffer({d: torch.empty(s, dtype=d, device=self.device) for d, s in sizes.items()}))
+            self.ring.append(_Buffer({h: torch.empty(s, dtype=d, device=self.device) for h, (d, s) in sizes.items()}))
+
+    def _stage_for(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One device buffer for the e4m3 bytes and one for the scales of an fp8 pack, shared by every fetch (all
+        on the side stream, in order), allocated once; None without fp8 packs."""
+        fp8 = [f for flats in self.slots.values() for f in flats if f.scales is not None]
+        if self.stage is None and fp8:
+            q = torch.empty(max(f.host.numel() for f in fp8), dtype=fp8[0].host.dtype, device=self.device)
+            scales = torch.empty(max(f.scales.numel() for f in fp8), dtype=torch.float32, device=self.device)
+            self.stage = (q, scales)
+        return self.stage
 
     def _free_buffer(self) -> _Buffer:
         """A ring buffer no block holds; a prefetched block not running yet gives its buffer up if need be."""
@@ -178,18 +179,19 @@ class BlockSwapper:
         views = [buf.tensors[f.host.dtype][: f.host.numel()] for f in flats]
         if self.cuda:
             assert self.stream is not None
+            stage = self._stage_for()
             with torch.cuda.stream(self.stream):
                 if buf.free_after is not None:
                     self.stream.wait_event(buf.free_after)  # the buffer's last reader has run on the compute stream
                 for v, f in zip(views, flats):
-                    v.copy_(f.host, non_blocking=True)
+                    land(f, v, stage, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self.stream)
         else:
             for v, f in zip(views, flats):
-                v.copy_(f.host)
+                land(f, v, None, non_blocking=False)
             event = None
-        self.stats.bytes_copied += sum(v.numel() * v.element_size() for v in views)
+        self.stats.bytes_copied += sum(f.nbytes for f in flats)
         self.ready[i] = (views, event)
 
     def _predict(self, i: int) -> int | None:
@@ -253,6 +255,18 @@ class BlockSwapper:
         if buf is not None and self.cuda:
             buf.free_after = torch.cuda.Event()
             buf.free_after.record(torch.cuda.current_stream(self.device))  # after every kernel queued so far
+
+
+def _points_at(flat: Flat, slot: Slot) -> bool:
+    """Whether the model's weight is still what the loader left for this slot: a view of its place in a bf16
+    pack, or (fp8 packs) the placeholder of its shape and dtype."""
+    p = getattr(slot.module, slot.name)
+    if p.shape != slot.shape or p.dtype != flat.device_dtype:
+        return False
+    if flat.scales is not None:
+        return p.numel() == 0 or all(st == 0 for st in p.stride())
+    same = p.device.type == "cpu" and p.untyped_storage().data_ptr() == flat.host.untyped_storage().data_ptr()
+    return same and p.storage_offset() == slot.offset
 
 
 def selective_checkpointing(checkpointed: Iterable[int], blocks: Sequence[nn.Module]):

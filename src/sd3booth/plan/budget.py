@@ -17,6 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 GIB = 2**30
+# the one host buffer weights pass through on their way from a file to the GPU (models.reader): loading costs
+# this much host memory, not the file's size
+STAGING_BYTES = 64 * 2**20
+# fp8 host copies of swapped blocks (--swap_dtype fp8): one e4m3 byte per weight; the per-row fp32 scales add
+# 4 bytes per row (under 0.2% for SD3's 1536-2432 wide rows) and the biases stay bf16 (a few thousandths)
+SWAP_FP8_BYTES = 1.0
 
 
 @dataclass(frozen=True)
@@ -42,40 +48,54 @@ def allocator_cap(limits: Limits, compiled: bool, cal: dict[str, Any]) -> float:
     return max(0.0, limits.vram_gib - process_overhead(compiled, limits.overhead_gib, cal))
 
 
+def swap_host_bytes(base: str, swap_dtype: str, cal: dict[str, Any]) -> float:
+    """Host bytes per parameter of a swapped block's copy (and per parameter copied to the GPU per fetch)."""
+    return SWAP_FP8_BYTES if swap_dtype == "fp8" else cal["bytes_per_param"].get(base, 2.0)
+
+
+def swapped_host_gib(swap_blocks: int, base: str, swap_dtype: str, sizes: Any, cal: dict[str, Any]) -> float:
+    """The swapped blocks' host copies, GiB: exact bytes, page-locked once (models.pinned: no power-of-two
+    rounding, nothing cached)."""
+    return swap_blocks * sizes.block_params * swap_host_bytes(base, swap_dtype, cal) / GIB
+
+
 def host_stages(
     plan: Any, sizes: Any, t5_len: int, bf16: bool, cal: dict[str, Any], on_gpu: bool = True
 ) -> dict[str, float]:
     """Predicted host RSS per stage, GiB.
 
-    Loaders place weights straight on the device (safetensors, device_map), but the component's weight files
-    are mapped into host memory while it loads (measured: all of its shards at once), so a resident component
-    costs its file size for that moment (exact, from the checkpoint).
-    What stays in host memory:
+    Loading reads the weight files with plain reads through one staging buffer (models.reader), so a component
+    loaded onto the GPU costs the staging buffer, not its file; the bitsandbytes paths (int8/NF4) still load
+    through the libraries, which map every file of the component while it loads (measured), so those cost
+    their file size for that moment (exact, from the checkpoint). What stays in host memory:
     * T5 ``stream``: accelerate keeps every layer in host memory and copies each in as it runs (bf16);
       ``cpu``: T5 runs there (bf16 next to a GPU, fp32 on a CPU-only machine);
-    * swapped blocks: their frozen weights, packed into pinned buffers, at the base's storage size;
+    * swapped blocks: their frozen weights in exact-size pinned buffers, read from the file straight into them
+      (bf16, or fp8 rows: :func:`swap_host_bytes`); the rest of the transformer goes to the GPU;
     * compiled blocks: inductor's compile workers, while the first step compiles.
     """
     h = cal["host"]
-    swapped = plan.swap_blocks * sizes.block_params * cal["bytes_per_param"].get(plan.base, 2.0) / GIB
     base = h["process_gib"] + (h["cuda_libs_gib"] if on_gpu else 0.0)
-    files = getattr(sizes, "file_bytes", {}) or {}
-    mapped = {k: v / GIB for k, v in files.items()}
-    out: dict[str, float] = {}
-    out["CLIP-G"] = base + mapped.get("text_encoder_2", 0.0)
+    staging = STAGING_BYTES / GIB
+    mapped = {k: v / GIB for k, v in (getattr(sizes, "file_bytes", {}) or {}).items()}
+    swap_dtype = getattr(plan, "swap_dtype", "bf16")
+    pinned = swapped_host_gib(plan.swap_blocks, plan.base, swap_dtype, sizes, cal)
+    out: dict[str, float] = {"CLIP-G": base + staging}
     t5_bytes = sizes.t5_params * (2 if on_gpu else 4)
     if plan.t5 in ("stream", "cpu"):
         out["T5"] = base + t5_bytes / GIB + h["t5_act_per_token_gib"] * t5_len
+    elif plan.t5 in ("int8", "nf4"):
+        out["T5"] = base + mapped.get("text_encoder_3", t5_bytes / GIB)
     elif plan.t5 != "none":
-        out["T5"] = base + mapped.get("text_encoder_3", 0.0)
-    # a swapped transformer is loaded into host memory whole, then its swapped blocks are packed into pinned
-    # buffers: file + pinned. Measured 2026-11-25 (H100 machine): SD3.5 Large 32 of 38 swapped 32.9 GiB
-    # (this predicts 28.6), 8 swapped 15.1 (19.2); SD3 Medium 22 of 24 swapped 11.2 (8.4): within ~4 GiB only.
-    # Packing straight from the file into the pinned buffers would make it base + pinned; not done yet.
-    file = mapped.get("transformer", sizes.transformer_params * 2 / GIB)
-    load = file + swapped if plan.swap_blocks else file
+        out["T5"] = base + staging
+    if plan.base == "nf4" and on_gpu:
+        load = mapped.get("transformer", sizes.transformer_params * 2 / GIB)
+    else:
+        load = pinned + staging
+        if plan.base == "fp8" and plan.swap_blocks:  # bf16 host copies, then fp8 casts of them, then the packs
+            load += swapped_host_gib(plan.swap_blocks, "bf16", "bf16", sizes, cal) + pinned
     workers = h["compile_worker_gib"] * h["compile_workers"] if plan.compiled else 0.0
-    out["training"] = base + max(load, swapped + workers + h["training_extra_gib"])
+    out["training"] = base + max(load, pinned + workers + h["training_extra_gib"])
     return {k: round(v, 3) for k, v in out.items()}
 
 

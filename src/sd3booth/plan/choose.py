@@ -21,7 +21,7 @@ from sd3booth.plan.budget import Limits, allocator_cap, default_budget, default_
 from sd3booth.plan.calibration import load_calibration
 from sd3booth.plan.predict import GIB, Plan, Workload, predict
 from sd3booth.plan.sizes import ModelSizes, read_sizes
-from sd3booth.plan.terms import UNSUPPORTED_BASES
+from sd3booth.plan.terms import FP8_SWAP_UNSUPPORTED, UNSUPPORTED_BASES
 
 __all__ = ["GIB", "PLAN_SETTINGS", "Machine", "Plan", "Workload", "choose", "plan_for_config", "predict"]
 # T5 options by fidelity to bf16 (bench, H100: stream keeps bf16 weights, cosine 0.99992; int8 0.9989;
@@ -55,12 +55,17 @@ def candidates(sizes: ModelSizes, fixed: dict[str, Any]) -> list[Plan]:
         "t5": list(T5_PREFERENCE),
         "text_batch": [8, 1],
         "vae_tiling": [False, True],
+        "swap_dtype": ["bf16", "fp8"],
     }
     for key, value in fixed.items():
         options[key] = [value]
     out = []
     for values in itertools.product(*options.values()):
         plan = Plan(**dict(zip(options, values)))
+        if plan.swap_dtype == "fp8" and not plan.swap_blocks:  # nothing swapped: no host copies to store
+            if "swap_dtype" not in fixed:
+                continue
+            plan = replace(plan, swap_dtype="bf16")
         if "compiled" not in fixed:
             plan = replace(plan, compiled=compile_by_default(plan.base, plan.activation_offload))
         graphs = [fixed["cuda_graphs"]] if "cuda_graphs" in fixed else [True, False]
@@ -73,6 +78,7 @@ FLAGS = {
     "base": "--base_precision",
     "checkpoint_blocks": "--checkpoint_blocks/--gradient_checkpointing",
     "swap_blocks": "--blocks_to_swap",
+    "swap_dtype": "--swap_dtype",
     "activation_offload": "--activation_offload",
     "t5": "--t5_precision",
     "vae_tiling": "--vae_tiling",
@@ -90,6 +96,8 @@ def _conflicts(plan: Plan, n: int) -> str | None:
         return f"{FLAGS['swap_blocks']} {s} needs at least as many checkpointed blocks (now {k})"
     if plan.base == "nf4" and s:
         return f"{FLAGS['base']} nf4 cannot be combined with {FLAGS['swap_blocks']}"
+    if plan.swap_dtype == "fp8" and plan.base != "bf16":
+        return f"{FLAGS['swap_dtype']} fp8 quantises a bf16 base; {FLAGS['base']} {plan.base} is stored quantised"
     if plan.base == "fp8" and k < n:
         return f"{FLAGS['base']} fp8 needs every block checkpointed ({k} of {n} now)"
     if plan.activation_offload and not k:
@@ -119,6 +127,8 @@ def fixed_settings(cfg: Any, n_blocks: int) -> dict[str, Any]:
         fixed["t5"] = cfg.t5_precision
     if cfg.compile is not None:
         fixed["compiled"] = cfg.compile
+    if cfg.swap_dtype != "auto":
+        fixed["swap_dtype"] = cfg.swap_dtype
     if cfg.cuda_graphs is not None:
         fixed["cuda_graphs"] = cfg.cuda_graphs
     if cfg.base_compute == "fp8":  # fp8 compute quantises the resident bf16 weights: none may be swapped
@@ -204,7 +214,12 @@ def choose(sizes: ModelSizes, work: Workload, limits: Limits | float, cal: dict[
     """
     limits = limits if isinstance(limits, Limits) else Limits(vram_gib=float(limits))
     fixed = fixed or {}
-    plans = [p for p in candidates(sizes, fixed) if p.base not in UNSUPPORTED_BASES.get(work.adapter, ())]
+    plans = [
+        p
+        for p in candidates(sizes, fixed)
+        if p.base not in UNSUPPORTED_BASES.get(work.adapter, ())
+        and not (p.swap_dtype == "fp8" and work.adapter in FP8_SWAP_UNSUPPORTED)
+    ]
     if not plans:  # the user's own settings exclude each other: name them rather than blame the budget
         probe = Plan(**fixed)
         reason = _conflicts(probe, sizes.n_blocks) or "no plan satisfies the settings given"
@@ -219,11 +234,12 @@ def choose(sizes: ModelSizes, work: Workload, limits: Limits | float, cal: dict[
     fits = [p for p in predicted if _fits(p, limits, cal)]
     if not fits:
         raise UserError(_nothing_fits(predicted, limits, work, cal))
-    # equal speed: T5's fidelity (bf16 on the card, then streamed from host memory, then quantised: RAM that
+    # fp8 host copies of swapped blocks quantise the frozen base: only when no plan with bf16 copies fits.
+    # Equal speed: T5's fidelity (bf16 on the card, then streamed from host memory, then quantised: RAM that
     # fits the budget is worth more than embeddings), whole-image VAE work, then the plan lighter on host memory,
     # then on the GPU
-    return min(fits, key=lambda p: (p.predicted_s_per_step, T5_ORDER.index(p.t5), p.vae_tiling, round(p.host_peak, 1),
-                                    p.need, -p.text_batch))  # fmt: skip
+    return min(fits, key=lambda p: (p.swap_dtype == "fp8", p.predicted_s_per_step, T5_ORDER.index(p.t5), p.vae_tiling,
+                                    round(p.host_peak, 1), p.need, -p.text_batch))  # fmt: skip
 
 
 def _nothing_fits(predicted: list[Plan], limits: Limits, work: Workload, cal: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from sd3booth.plan.budget import host_stages, t5_fp16_extra_gib
+from sd3booth.plan.budget import host_stages, swap_host_bytes, t5_fp16_extra_gib
 from sd3booth.plan.sizes import ModelSizes
 from sd3booth.plan.terms import (
     ADAPTER_ACTIVATION_FACTOR,
@@ -19,6 +19,7 @@ from sd3booth.plan.terms import (
     CUDA_GRAPHS_POOL_FACTOR,
     CUDA_GRAPHS_TIME_FACTOR,
     OPTIMIZER_STATE_BYTES,
+    SWAP_FP8_REASON,
     TEXT_ENCODER_MEASURED_EXTRA_GIB,
     shape_headroom_gib,
     shape_mode,
@@ -40,6 +41,7 @@ class Plan:
     vae_tiling: bool = False
     compiled: bool = False  # transformer blocks under torch.compile (speed.CompiledBlocks)
     cuda_graphs: bool = False  # compiled blocks replayed as CUDA graphs (compile mode reduce-overhead)
+    swap_dtype: str = "bf16"  # host copies of swapped blocks: "bf16" or "fp8" (e4m3 rows, upcast on the GPU)
     predicted: dict[str, float] = field(default_factory=dict, compare=False)  # stage -> GiB
     predicted_s_per_step: float = field(default=0.0, compare=False)
     predicted_host: dict[str, float] = field(default_factory=dict, compare=False)  # stage -> GiB of host RSS
@@ -67,6 +69,7 @@ class Plan:
         offload = ", activations offloaded" if self.activation_offload else ""
         lines = [
             f"  transformer weights  {self.base}{swap}",
+            *([f"  swapped host copies  {SWAP_FP8_REASON}"] if self.swap_blocks and self.swap_dtype == "fp8" else []),
             f"  checkpointing        {self.checkpoint_blocks} block(s){offload}",
             f"  T5                   {self.t5}, text batch {self.text_batch}",
             f"  VAE                  {'tiled' if self.vae_tiling else 'whole images'}",
@@ -131,7 +134,9 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     c = cal["coefficients"]
     n, k, s = sizes.n_blocks, plan.checkpoint_blocks, plan.swap_blocks
     block = _weight_gib(sizes.block_params, plan.base, cal)
-    resident = _weight_gib(sizes.other_params, "bf16", cal) + (n - s) * block + (2 * block if s else 0.0)
+    # swapped blocks land in a ring of two device buffers; fp8 host copies also pass through one e4m3 buffer
+    ring = (2 * block + (block / 2 if plan.swap_dtype == "fp8" else 0.0)) if s else 0.0
+    resident = _weight_gib(sizes.other_params, "bf16", cal) + (n - s) * block + ring
     opt_bytes = OPTIMIZER_STATE_BYTES[work.optimizer] + (4 if work.ema_gpu else 0)
     lora = work.lora_params * (4 + 4 + opt_bytes) / GIB
     text = 0.0
@@ -192,7 +197,7 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
     seconds = base_t * ckpt_factor * t["base_factor"][plan.base]
     if plan.compiled:  # compiled/eager step time, measured without and with full checkpointing
         seconds *= t["compiled_factor_none"] + (t["compiled_factor_all"] - t["compiled_factor_none"]) * k / n
-    copy_s = 2 * s * sizes.block_params * cal["bytes_per_param"][plan.base] / (t["h2d_gbps"] * 1e9)
+    copy_s = 2 * s * sizes.block_params * swap_host_bytes(plan.base, plan.swap_dtype, cal) / (t["h2d_gbps"] * 1e9)
     seconds = max(seconds, copy_s) + t["swap_overhead_per_block"] * s
     if plan.activation_offload:
         seconds *= t["activation_offload_factor"]

@@ -55,8 +55,8 @@ class ModelSizes:
     t5_layer_params: int
     vae_params: int
     t5_wo_params: int = 0  # T5's FFN output projections (kept fp32 when T5 runs in fp16)
-    # the weight files of each component, bytes in all: loading maps them into host memory (measured: every
-    # shard of a component at once, 2026-11-25)
+    # the weight files of each component, bytes in all: the bitsandbytes (int8/NF4) loading paths map them into
+    # host memory (measured: every shard of a component at once, 2026-11-25); models.reader does not
     file_bytes: dict[str, int] = field(default_factory=dict, compare=False)
 
     @property

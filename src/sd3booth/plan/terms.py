@@ -30,6 +30,13 @@ TEXT_ENCODER_MEASURED_EXTRA_GIB = 1.70
 CUDA_GRAPHS_TIME_FACTOR = 0.45
 CUDA_GRAPHS_EXTRA_GIB = 0.18
 CUDA_GRAPHS_POOL_FACTOR = 1.12
+# DoRA reads the base weights when it is added, before the swapper takes the fp8 host copies the loader made
+FP8_SWAP_UNSUPPORTED = ("dora",)
+SWAP_FP8_REASON = (
+    "fp8 (e4m3, a power-of-two scale per row, upcast on the GPU): the frozen base of the swapped blocks is "
+    "quantised (about 3% RMS error per weight) to halve their host RAM and copy time; chosen only when "
+    "bf16 copies do not fit --max_ram, or asked for with --swap_dtype fp8"
+)
 
 # ---- several batch shapes ---------------------------------------------------------------------------------
 

@@ -135,6 +135,7 @@ _STAGE_COLUMNS = {
     "peak_process_gpu_gib": "GPU whole process GiB",
     "allocated_after_gib": "GPU allocated after GiB",
     "peak_host_rss_gib": "host RSS peak GiB",
+    "peak_host_rss_parts_gib": "host RSS at its peak: anon / file / shmem GiB",
 }
 _PREDICTED = {"predicted": ("peak_allocated_gib", "plan: GPU GiB"), "predicted_host": ("peak_host_rss_gib",
               "plan: host GiB")}  # fmt: skip
@@ -144,6 +145,11 @@ def _predicted_for(stage: str, predictions: dict[str, float]) -> float | None:
     """The plan's prediction for a stage: its names are short forms of the stage names ('T5' in 'text encoder
     T5 (bf16)', 'validation' in 'validation step 20')."""
     return next((v for k, v in predictions.items() if k.lower() in stage.lower()), None)
+
+
+def _parts(v: Any) -> Any:
+    """A value of stages.json as a cell: the host RSS parts ({anon, file, shmem}) as one "a / f / s" text."""
+    return " / ".join(f"{x:.2f}" for x in v.values()) if isinstance(v, dict) else v
 
 
 def stages_html(run: RunFolder) -> str:
@@ -156,7 +162,7 @@ def stages_html(run: RunFolder) -> str:
     plans = [(run.plan[name], label) for name, (measured, label) in _PREDICTED.items()
              if on_gpu and isinstance(run.plan.get(name), dict) and run.plan[name] and measured in keys]  # fmt: skip
     header = ["stage"] + [_STAGE_COLUMNS.get(k, k) for k in keys] + [label for _, label in plans]
-    rows = [[s["stage"]] + [s.get(k) for k in keys] + [_predicted_for(s["stage"], p) for p, _ in plans]
+    rows = [[s["stage"]] + [_parts(s.get(k)) for k in keys] + [_predicted_for(s["stage"], p) for p, _ in plans]
             for s in run.stages]  # fmt: skip
     svg = charts.memory_svg(run.stages)
     return _table(header, rows) + (f'<div class="card" id="memory-chart">{svg}</div>' if svg else "")

@@ -378,9 +378,11 @@ def finish(run: Run, step: int, last_loss: float | None, step_times: list[float]
     """The LoRA file, a last validation, stages.json."""
     if run.swapper is not None:
         st = run.swapper.stats
+        sw = run.swapper
         run.say(
-            f"block swap: {st.bytes_copied / 2**30:.1f} GiB copied, {st.prefetched} blocks prefetched, "
-            f"{st.synchronous} fetched on demand"
+            f"block swap: {sw.resident_bytes_saved() / 2**30:.2f} GiB of host copies ({sw.from_file} of "
+            f"{len(sw.swapped)} blocks read straight from the file), {st.bytes_copied / 2**30:.1f} GiB copied, "
+            f"{st.prefetched} blocks prefetched, {st.synchronous} fetched on demand"
         )
     run.accelerator.wait_for_everyone()
     lora_path = None

@@ -131,6 +131,7 @@ MAY_CHANGE: tuple[str, ...] = (
     "max_ram",
     "base_precision",
     "blocks_to_swap",
+    "swap_dtype",
     "checkpoint_blocks",
     "activation_offload",
     "vae_tiling",
