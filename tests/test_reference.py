@@ -92,7 +92,7 @@ def test_reference_run_is_timed_from_its_tensorboard_events(fake_script, tiny_mo
     args = json.loads((run / "fake.json").read_text())
     chosen = (args["mixed_precision"], args["optimizer"], args["rank"], args["train_batch_size"])
     assert chosen == ("bf16", "AdamW", 16, 1)
-    assert args["cache_latents"] and not args["gradient_checkpointing"] and not args["use_8bit_adam"]
+    assert not args["cache_latents"] and not args["gradient_checkpointing"] and not args["use_8bit_adam"]
     assert args["validation_prompt"] is None and args["max_train_steps"] == 8
     cmd = reference.reference_command(fake_script, tiny_model, photos, run, 64, 8, "p", True)
     assert cmd[:2] == [sys.executable, str(fake_script)]  # one process, no accelerate launch

@@ -2,8 +2,8 @@
 never copied here), run on the bench's model and photos at its own fastest setting on an H100 and timed from
 outside like our runs (:func:`sd3booth.bench.budgets.run_sampled`: NVML process GPU memory, host RSS).
 
-Its fastest setting: bf16 mixed precision, torch AdamW, no gradient checkpointing, ``--cache_latents``, batch 1,
-rank 16, one instance prompt (its prompt embeddings are computed once), one process (``python SCRIPT``; the
+Its fastest setting: bf16 mixed precision, torch AdamW, no gradient checkpointing, batch 1, rank 16, one
+instance prompt (its prompt embeddings are computed once), one process (``python SCRIPT``; the
 script builds its own ``Accelerator``, so ``accelerate launch`` adds nothing on one GPU).
 
 Its s/step comes from the TensorBoard events it writes (``--report_to tensorboard``): it logs the loss at every
@@ -67,7 +67,10 @@ def reference_command(
     }  # fmt: skip
     if validate:
         args.update({"--validation_prompt": prompt, "--num_validation_images": 1, "--validation_epochs": 10**9})
-    return [sys.executable, str(script), *[str(x) for kv in args.items() for x in kv], "--cache_latents"]
+    # no --cache_latents: with --mixed_precision bf16 the script casts the photos to bf16 for its fp32 VAE and stops
+    # ("Input type (c10::BFloat16) and bias type (float) should be the same", H100, diffusers 0.42.1, 2026-11-25),
+    # so its fastest setting that runs encodes each step's photo with the VAE
+    return [sys.executable, str(script), *[str(x) for kv in args.items() for x in kv]]
 
 
 def read_events(logs: Path) -> tuple[float, list[tuple[int, float]]]:
