@@ -171,3 +171,26 @@ def test_copies_land_in_a_fixed_ring_of_buffers(tiny_model):
     _step(net)
     assert len(swapper.ring) == 2
     assert pointers <= ring and len(ring) == 2  # every block ran from one of the two buffers, across two steps
+
+
+def test_generate_with_a_swap_plan_streams_blocks_and_draws_the_same_image(tiny_model, tmp_path):
+    """``generate`` (and class-image generation, same loader) on a plan that swaps blocks attaches the swapper:
+    the image equals the all-resident plan's, pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+
+    from sd3booth.models import loaders, placement, source
+    from sd3booth.plan.choose import Plan
+    from sd3booth.sample import generate_with_lora
+
+    src = source.resolve_model(str(tiny_model))
+    swapped = placement.decide(placement.DeviceInfo(), None, Plan(swap_blocks=2, checkpoint_blocks=2))
+    net = loaders.load_for_sampling(src, swapped)
+    assert all(lin.weight.numel() == 0 for lin in net.transformer_blocks[0].modules() if type(lin) is torch.nn.Linear)
+    images = {}
+    for name, memory in (("resident", Plan()), ("swapped", swapped.memory)):
+        place = placement.decide(placement.DeviceInfo(), None, memory)
+        (path,) = generate_with_lora(src, [], "a toy", "", tmp_path / name, 1, 0, 2, 3.0, (64, 64), 77, place,
+                                     tmp_path / "cache", log=lambda _m: None)  # fmt: skip
+        images[name] = np.asarray(Image.open(path))
+    assert np.array_equal(images["resident"], images["swapped"])

@@ -223,7 +223,7 @@ def generate_class_images(
     for job in jobs:
         clean_temporaries(Path(job.concept.class_data_dir or ""))  # of a generation killed last time
     emb = cache_text.load_text_embeddings([*prompts, text_keys[NEGATIVE_PROMPT]], cfg.cache_path, torch.float32)
-    transformer = loaders.load_transformer(src, place)
+    transformer = loaders.load_for_sampling(src, place)
     vae = loaders.load_vae(src, place)
     pipe = sample.make_pipeline(transformer, vae, loaders.load_scheduler(src))
     autocast = place.weight_dtype if place.weight_dtype != torch.float32 else None

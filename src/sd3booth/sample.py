@@ -117,7 +117,7 @@ def generate_with_lora(
     keys = cache_text.ensure_text_embeddings([prompt, negative_prompt], src, place, cache_dir, max_sequence_length, log)
     emb = cache_text.load_text_embeddings(keys.values(), cache_dir, place.weight_dtype)
     pipe = make_pipeline(
-        loaders.load_transformer(src, place), loaders.load_vae(src, place), loaders.load_scheduler(src)
+        loaders.load_for_sampling(src, place), loaders.load_vae(src, place), loaders.load_scheduler(src)
     )
     positive, negative = emb[keys[prompt]], emb[keys[negative_prompt]]
     if loras:

@@ -182,6 +182,14 @@ def attach_memory_savers(model: Any, place: Placement) -> Any:
     return None
 
 
+def load_for_sampling(src: ModelSource, place: Placement) -> Any:
+    """The frozen transformer for sampling (``generate``, class images) as the plan stores it: the swapped blocks
+    streamed in by a block swapper exactly as in training (its hooks keep it alive), the rest on the device."""
+    model = load_transformer(src, place)
+    attach_memory_savers(model, place)  # checkpointing saves nothing without grad: only the swap matters here
+    return model
+
+
 def load_scheduler(src: ModelSource) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
