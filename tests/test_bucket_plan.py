@@ -58,7 +58,8 @@ def test_the_sizes_reproduce_the_recorded_bucket_plans(sd3m):
     (2.06 GiB predicted for training, 18 blocks swapped), at 6 GiB the one that held (4.596 predicted)."""
     three, six = _plan(3.0, 1), _plan(6.0, 1)
     assert (three.checkpoint_blocks, three.swap_blocks, three.compiled) == (24, 18, True)
-    assert three.predicted["training"] == pytest.approx(2.06, abs=0.005) and three.allocator_cap_gib == 2.19
+    assert three.predicted["training"] == pytest.approx(2.06, abs=0.005)
+    assert three.allocator_cap_gib == pytest.approx(2.19, abs=0.005)  # 3 - 0.81 outside the allocator (fitted)
     assert (six.checkpoint_blocks, six.swap_blocks) == (24, 0) and six.peak == pytest.approx(4.596, abs=0.001)
 
 
@@ -70,7 +71,8 @@ def test_several_shapes_need_more_and_the_tight_budget_gets_a_lighter_plan(sd3m,
     assert four.shape_headroom_gib == pytest.approx(block, abs=0.002) == pytest.approx(0.150, abs=0.002)
     # the plan that failed is predicted not to fit the cap it failed under (2.04 GiB allocated of 2.19) ...
     failed = predict(dataclasses.replace(one, predicted={}), sd3m, _work(shapes=4), cal)
-    assert failed.predicted == one.predicted and failed.need > one.allocator_cap_gib == 2.19
+    assert failed.predicted == one.predicted and failed.need > one.allocator_cap_gib
+    assert one.allocator_cap_gib == pytest.approx(2.19, abs=0.005)
     # ... so four shapes get a lighter plan: two more blocks swapped, within the cap with the headroom
     assert four.swap_blocks == one.swap_blocks + 2 and four.checkpoint_blocks == 24
     assert four.need <= four.allocator_cap_gib * cal["safety"] and four.peak < one.peak

@@ -73,6 +73,8 @@ def read_run(run: Path, log_every: int) -> dict[str, Any]:
     }
     if metrics[0]["step"] == 1:  # logged alone: compiled runs, or logging every step
         row["first_step_s"] = round(metrics[0]["s_per_step"], 2)
+    if "compile_cache" in metrics[0]:  # whether the first step compiled (host RSS: bench.fit.compiled_cold)
+        row["compile_cache"] = metrics[0]["compile_cache"]
     row["stages_process_gpu"] = {s["stage"]: s.get("peak_process_gpu_gib") for s in stages}
     row["stages_host_rss"] = {s["stage"]: s.get("peak_host_rss_gib") for s in stages}
     row["stages_host_rss_parts"] = {s["stage"]: s.get("peak_host_rss_parts_gib") for s in stages}

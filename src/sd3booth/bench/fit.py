@@ -3,7 +3,8 @@
 * :func:`fit_calibration` <- ``bench --parts calibrate`` (stage peaks, training-step options, copy rate);
 * :func:`fit_compiled` <- ``bench --parts speed`` (eager vs compiled steps, batch 1 and 4);
 * :func:`fit_pipeline_decode` <- ``bench --parts budgets`` (whole runs' validation peaks);
-* :func:`refit`: the three in turn, from the stored results named in ``calibration-sources.json``; the packaged
+* :func:`fit_process_host` <- whole runs sampled from outside (GPU process memory, host RSS per stage);
+* :func:`refit`: all in turn, from the stored results named in ``calibration-sources.json``; the packaged
   calibration is exactly ``refit(bench/results)`` (a test checks it).
 
 Refit: ``sd3booth bench --refit bench/results`` (writes the packaged calibration.json, or
@@ -16,11 +17,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from sd3booth.plan.budget import swapped_host_gib
+from sd3booth.plan.budget import STAGING_BYTES, swapped_host_gib
 from sd3booth.plan.calibration import arrange, dumps, flat_keys, packaged_calibration_path, template
 from sd3booth.plan.sizes import ModelSizes
 
@@ -227,48 +229,81 @@ PROCESS_KEYS = ("runtime_overhead_gib", "compiled_extra_gib")
 HOST_KEYS = (
     "process_gib",
     "cuda_libs_gib",
+    "pinned_overhead_per_gib",
     "compile_worker_gib",
     "compile_workers",
     "t5_act_per_token_gib",
     "training_extra_gib",
 )
+FIRST_HOST_STAGE = "text encoder CLIP-G"  # the first stage the planner predicts: process, libraries, staging buffer
+
+
+def compiled_cold(row: dict[str, Any]) -> bool:
+    """Whether a run's first step compiled its blocks (inductor's compile workers busy) rather than loading them
+    from the persistent compile cache: the row's ``compiled_cold``, else its compile-cache counts (any FX graph
+    compiled), else True (a first run)."""
+    if "compiled_cold" in row:
+        return bool(row["compiled_cold"])
+    counts = row.get("compile_cache")
+    return counts["fxgraph_cache_miss"] > 0 if counts else True
+
+
+def _fit_process(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """GPU memory outside the allocator: NVML peak less the allocator's reserved peak; the median over eager
+    runs is the runtime's (else the least of the compiled ones), compiled runs add ``compiled_extra_gib``."""
+    rows = [r for r in rows if r.get("process_gpu_gib") and r.get("peak_reserved_gib")]
+    outside = [(r["process_gpu_gib"] - r["peak_reserved_gib"], bool(r["plan"].get("compiled"))) for r in rows]
+    eager = [v for v, c in outside if not c]
+    compiled = [v for v, c in outside if c]
+    if not compiled:
+        raise ValueError("no compiled run among the process rows: compiled_extra_gib is not measured")
+    runtime = statistics.median(eager) if eager else min(compiled)
+    extra = max(0.0, statistics.median(compiled) - runtime)
+    return {"runtime_overhead_gib": round(runtime, 3), "compiled_extra_gib": round(extra, 3)}
+
+
+def _fit_host(rows: list[dict[str, Any]], stated: dict[str, Any], cal: dict[str, Any]) -> dict[str, Any]:
+    """``host.*``: ``cuda_libs_gib`` from the first predicted stage (its median RSS less ``process_gib`` and the
+    staging buffer); then, by least squares over the training stages of bf16-base runs (whose loading never
+    outgrows what training holds), training RSS - process - libraries - pinned packs =
+    ``training_extra_gib`` + ``pinned_overhead_per_gib`` x pinned GiB + ``compile_worker_gib`` x workers (runs
+    whose first step compiled). A term whose column does not vary over the rows keeps its stated value."""
+    import numpy as np
+
+    h = dict(stated)
+    first = [
+        r["stages_host_rss"][FIRST_HOST_STAGE] for r in rows if (r.get("stages_host_rss") or {}).get(FIRST_HOST_STAGE)
+    ]
+    if first:
+        h["cuda_libs_gib"] = round(statistics.median(first) - h["process_gib"] - STAGING_BYTES / GIB, 3)
+    train = [r for r in rows if (r.get("stages_host_rss") or {}).get("training") and r["plan"]["base"] == "bf16"]
+    if not train:
+        return h
+    plans = [r["plan"] for r in train]
+    pinned = np.array([swapped_host_gib(p["swap_blocks"], p["base"], p.get("swap_dtype", "bf16"),
+                                        ModelSizes(**r["sizes"]), cal) for p, r in zip(plans, train)])  # fmt: skip
+    busy = np.array([h["compile_workers"] * float(bool(r["plan"].get("compiled")) and compiled_cold(r)) for r in train])
+    y = np.array([r["stages_host_rss"]["training"] for r in train]) - h["process_gib"] - h["cuda_libs_gib"] - pinned
+    terms = {"training_extra_gib": np.ones_like(y), "pinned_overhead_per_gib": pinned, "compile_worker_gib": busy}
+    fitted = [k for k, col in terms.items() if k == "training_extra_gib" or np.ptp(col) > 0]
+    for k in (k for k in terms if k not in fitted):
+        y = y - terms[k] * h[k]
+    coef = np.linalg.lstsq(np.stack([terms[k] for k in fitted], axis=1), y, rcond=None)[0]
+    h.update({k: round(float(v), 4 if k == "pinned_overhead_per_gib" else 3) for k, v in zip(fitted, coef)})
+    return h
 
 
 def fit_process_host(cal: dict[str, Any], run: dict[str, Any], name: str) -> dict[str, Any]:
-    """``process.*`` and ``host.*`` from budget rows that measured the whole process (NVML process memory and
-    host RSS, sampled from outside) — or, for a file of ``estimates``, those, labelled as such.
-
-    GPU: what lies outside the allocator is the process's NVML peak less the allocator's reserved peak; the
-    median over eager runs is the runtime's, compiled runs add ``compiled_extra_gib``. Host: the training
-    stage's RSS less what the plan keeps there (pinned swapped blocks) fits ``cuda_libs_gib``, the other host
-    terms staying at their stated values."""
-    import statistics
-
+    """``process.*`` and ``host.*`` from whole ``sd3booth train`` runs that measured the whole process (NVML
+    process memory and host RSS per stage, sampled from outside): ``run["rows"]``, each with its plan and model
+    ``sizes``; ``run["host_constants"]`` states the host terms the rows cannot tell apart (``process_gib``,
+    ``compile_workers``, ``t5_act_per_token_gib``) and the starting value of the others."""
     out = copy.deepcopy(cal)
-    est = run.get("estimates")
-    if est is not None:
-        out["process"] = {**{k: est["process"][k] for k in PROCESS_KEYS}, "source": f"provisional estimates ({name})"}
-        out["host"] = {**{k: est["host"][k] for k in HOST_KEYS}, "source": f"provisional estimates ({name})"}
-        return out
-    rows = [r for r in run["budgets"] if r.get("rc") == 0 and r.get("process_gpu_gib")]
-    outside = lambda r: r["process_gpu_gib"] - r["peak_reserved_gib"]  # noqa: E731
-    eager = [outside(r) for r in rows if not r["plan"].get("compiled")]
-    compiled = [outside(r) for r in rows if r["plan"].get("compiled")]
-    runtime = statistics.median(eager) if eager else min(compiled)
-    extra = max(0.0, statistics.median(compiled) - runtime) if compiled else cal["process"]["compiled_extra_gib"]
-    where = f"fitted by sd3booth bench --parts budgets on {run['device']}, {run['date']}"
-    out["process"] = {"runtime_overhead_gib": round(runtime, 3), "compiled_extra_gib": round(extra, 3), "source": where}
-    h = dict(run.get("host_constants") or {k: cal["host"][k] for k in HOST_KEYS})
-    sizes = ModelSizes(**run["sizes"])
-    libs = []
-    for r in rows:
-        measured = (r.get("stages_host_rss") or {}).get("training")
-        if measured:
-            p = r["plan"]
-            swapped = swapped_host_gib(p["swap_blocks"], p["base"], p.get("swap_dtype", "bf16"), sizes, cal)
-            workers = h["compile_worker_gib"] * h["compile_workers"] if r["plan"].get("compiled") else 0.0
-            libs.append(measured - h["process_gib"] - swapped - workers - h["training_extra_gib"])
-    h["cuda_libs_gib"] = round(statistics.median(libs), 3) if libs else h["cuda_libs_gib"]
+    rows = [r for r in run["rows"] if r.get("rc") == 0]
+    stated = {"pinned_overhead_per_gib": 0.0, **run["host_constants"]}
+    where = f"fitted from whole runs ({name}) on {run['device']}, {run['date']}"
+    out["process"] = {**_fit_process(rows), "source": where}
+    h = _fit_host(rows, stated, cal)
     out["host"] = {**{k: h[k] for k in HOST_KEYS}, "source": where}
     return out
 

@@ -118,6 +118,9 @@ class Workload:
     adapted_layers: int = 0  # Linear layers carrying the adapter
     train_size: tuple[int, int] | None = None  # the largest training image (w, h), e.g. a bucket; default square
     shapes: int = 1  # distinct batch shapes (aspect-ratio buckets x batch lengths), counted from the data
+    # the compiled blocks are in the persistent compile cache already (host RSS: no compile workers busy); the
+    # planner assumes a first run (False), bench replays of measured runs say which they were
+    compile_cached: bool = False
 
     @property
     def tokens(self) -> int:
@@ -203,7 +206,7 @@ def predict(plan: Plan, sizes: ModelSizes, work: Workload, cal: dict[str, Any]) 
         seconds *= t["activation_offload_factor"]
     if plan.cuda_graphs:
         seconds *= CUDA_GRAPHS_TIME_FACTOR
-    host = host_stages(plan, sizes, work.t5_len, work.bf16, cal, work.on_gpu)
+    host = host_stages(plan, sizes, work.t5_len, work.bf16, cal, work.on_gpu, work.compile_cached)
     return replace(
         plan,
         predicted={k_: round(v, 3) for k_, v in stages.items()},
