@@ -285,3 +285,15 @@ def test_pinned_buffers_are_exact_size_and_unregistered_when_freed(monkeypatch):
     del view
     gc.collect()
     assert fake.calls[-1] == ("unregister", ptr) and pinned.registered_bytes() == before
+
+
+def test_a_refused_page_lock_is_one_line_naming_what_to_do(monkeypatch):
+    class Refusing(_FakeCudart):
+        def cudaHostRegister(self, ptr, nbytes, flags):  # noqa: N802 - CUDA's name
+            return 2  # cudaErrorMemoryAllocation, as with a low locked-memory limit
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Refusing())
+    before = pinned.registered_bytes()
+    with pytest.raises(UserError, match=r"could not page-lock 0\.50 GiB .* cudaError 2\).* --swap_dtype fp8"):
+        pinned.host_tensor(2**29, torch.uint8, pin=True)
+    assert pinned.registered_bytes() == before

@@ -17,6 +17,8 @@ import weakref
 
 import torch
 
+from sd3booth.errors import UserError
+
 _lock = threading.Lock()
 _registered = {"bytes": 0, "regions": 0}  # page-locked now (tests and the bench read it)
 
@@ -48,8 +50,11 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     if pin and nbytes:
         ptr = tensor.data_ptr()
         err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
-        if err != 0:
-            raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed (cudaError {err})")
+        if err != 0:  # e.g. a locked-memory limit (ulimit -l) or too little RAM: a user's problem, one line
+            raise UserError(
+                f"could not page-lock {nbytes / 2**30:.2f} GiB of host memory for swapped blocks (cudaHostRegister: "
+                f"cudaError {err}); free host memory, lower --max_ram or pass --swap_dtype fp8 to halve the copies"
+            )
         with _lock:
             _registered["bytes"] += nbytes
             _registered["regions"] += 1
