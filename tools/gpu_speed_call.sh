@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue #14 measurements on the GPU machine (SD3 Medium random weights, 1024 px): the isolated probe at batch 1
 # and 4 (bf16 / CUDA graphs / fp8 compute: s/step and fp8's error), then whole CLI runs sampled from outside.
-# Usage: tools/gpu_speed_call.sh OUT [probe|cli|all]
+# Usage: tools/gpu_speed_call.sh OUT [probe|cli|all]  (the probe alone took the whole 10-minute call on an H100:
+# run probe and cli in separate calls)
 set -uo pipefail
 out=$1; what=${2:-all}
 m=.models/sd3-medium

@@ -31,8 +31,6 @@ from sd3booth.plan.terms import MAX_STATIC_SHAPES  # batch shapes that compile o
 BACKEND_ENV = "SD3BOOTH_COMPILE_BACKEND"
 # "static" or "dynamic" forces the shape mode of compiled blocks (tools/gpu_buckets.sh measures both).
 SHAPES_ENV = "SD3BOOTH_COMPILE_SHAPES"
-# torch.compile mode of the blocks ("default", "reduce-overhead" = CUDA graphs, "max-autotune-no-cudagraphs")
-MODE_ENV = "SD3BOOTH_COMPILE_MODE"
 ENTRIES_PER_SHAPE = 4  # cache entries one shape can take: block variants (the last block), train/recompute
 
 
@@ -142,7 +140,6 @@ class CompiledBlocks:
         if hasattr(cfg, "accumulated_cache_size_limit"):
             cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 512, 2 * entries)
         backend = backend or os.environ.get(BACKEND_ENV) or "inductor"
-        mode = mode or os.environ.get(MODE_ENV) or None
         if self.dynamic and mode == "reduce-overhead":
             mode = None  # a graph per shape, each holding its own activations: not worth it past a few shapes
         self.cuda_graphs = mode in ("reduce-overhead", "max-autotune")
